@@ -1,0 +1,271 @@
+//! Model files: one safetensors file holding the weights (f32) and, in its metadata, the format
+//! version, the config (JSON), a model card (JSON) and the model id, a content hash of config and
+//! weights that is verified on load. Loading never panics: a missing, truncated, corrupted or
+//! mismatched file is a [`GlowError::File`] naming the file and the problem.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::config::GlowConfig;
+use super::flow::Glow;
+use super::init::ParamWriter;
+use super::scorer::GlowScorer;
+use super::{GlowError, Result};
+
+/// Value of the `format` metadata key of every glowwatch model file.
+pub const FORMAT: &str = "glowwatch-glow";
+/// The model file format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What a model is and how it came to be; stored inside the model file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelCard {
+    /// Short human name, e.g. `fashion-mnist-in`.
+    pub name: String,
+    /// Training data, e.g. `fashion_mnist_train.parquet (60,000 images)`.
+    pub trained_on: String,
+    /// When the weights were produced (RFC 3339, UTC).
+    pub created: String,
+    /// Optimisation steps taken.
+    pub train_steps: u64,
+    /// Final held-out bits/dim, when measured.
+    pub final_bpd: Option<f64>,
+    /// Model id of the model this one was fine-tuned from, if any.
+    pub parent: Option<String>,
+    /// Free text.
+    pub notes: String,
+}
+
+/// A Glow with its parameter store, configuration, card and content-hash id.
+pub struct GlowModel {
+    /// Parameters as trainable variables (names as in the file).
+    pub varmap: VarMap,
+    /// The model built on those variables.
+    pub glow: Glow,
+    /// The model card.
+    pub card: ModelCard,
+    device: Device,
+}
+
+impl GlowModel {
+    /// A freshly initialised model (random orthogonal 1x1 convs, zero couplings) from `seed`.
+    /// Call [`GlowModel::init_from_data`] before use: ActNorms start as identities.
+    pub fn new_random(config: &GlowConfig, seed: u64, device: &Device) -> Result<Self> {
+        Self::new_random_dtype(config, seed, device, DType::F32)
+    }
+
+    /// As [`GlowModel::new_random`] with parameters of `dtype` (F64 for brute-force checks).
+    pub fn new_random_dtype(
+        config: &GlowConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let (varmap, glow) = Self::build(config, device, dtype)?;
+        glow.randomize(seed, &ParamWriter::new(&varmap))?;
+        Ok(Self {
+            varmap,
+            glow,
+            card: ModelCard::default(),
+            device: device.clone(),
+        })
+    }
+
+    fn build(config: &GlowConfig, device: &Device, dtype: DType) -> Result<(VarMap, Glow)> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+        let glow = Glow::new(config, vb)?;
+        Ok((varmap, glow))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GlowConfig {
+        self.glow.config()
+    }
+
+    /// Device of the parameters.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Data-dependent ActNorm initialisation on a batch of model inputs (N, C, S, S).
+    pub fn init_from_data(&self, x: &Tensor) -> Result<()> {
+        self.glow.init_from_data(x, &ParamWriter::new(&self.varmap))
+    }
+
+    /// The fused inference form on `device` in `dtype`.
+    pub fn scorer(&self, device: &Device, dtype: DType) -> Result<GlowScorer> {
+        GlowScorer::new(&self.glow, device, dtype)
+    }
+
+    /// Number of parameters (trainable and fixed).
+    pub fn param_count(&self) -> usize {
+        self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    fn named_tensors(&self) -> BTreeMap<String, Tensor> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
+            .collect()
+    }
+
+    /// Content hash of config and weights: `glow-` + 16 hex digits of SHA-256.
+    pub fn model_id(&self) -> Result<String> {
+        let tensors = self
+            .named_tensors()
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        model_id(self.config(), &tensors)
+    }
+
+    /// Writes the model atomically (temporary file, fsync, rename) as f32 safetensors.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<String> {
+        let path = path.as_ref();
+        let file_err = |problem: String| GlowError::File {
+            path: path.display().to_string(),
+            problem,
+        };
+        let tensors = self
+            .named_tensors()
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let id = model_id(self.config(), &tensors)?;
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), FORMAT.to_string());
+        meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+        meta.insert(
+            "config".to_string(),
+            serde_json::to_string(self.config()).expect("config serialises"),
+        );
+        meta.insert(
+            "card".to_string(),
+            serde_json::to_string(&self.card).expect("card serialises"),
+        );
+        meta.insert("model_id".to_string(), id.clone());
+        let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+            .map_err(|e| file_err(format!("cannot serialise: {e}")))?;
+        let tmp = path.with_extension("safetensors.tmp");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|e| file_err(format!("cannot write: {e}")))?;
+        Ok(id)
+    }
+
+    /// Reads a model file written by [`GlowModel::save`] onto `device` (parameters in f32).
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        let err = |problem: String| GlowError::File {
+            path: path.display().to_string(),
+            problem,
+        };
+        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| err(format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| err(format!("unreadable header: {e}")))?;
+        let meta = header
+            .metadata()
+            .clone()
+            .ok_or_else(|| err("no glowwatch metadata (not a glowwatch model file)".into()))?;
+        let get = |k: &str| {
+            meta.get(k)
+                .ok_or_else(|| err(format!("metadata key `{k}` is missing")))
+        };
+        if get("format")? != FORMAT {
+            return Err(err(format!("format is `{}`, expected `{FORMAT}`", get("format")?)));
+        }
+        let version = get("format_version")?;
+        if version != &FORMAT_VERSION.to_string() {
+            return Err(err(format!(
+                "unknown format version {version} (this build reads version {FORMAT_VERSION})"
+            )));
+        }
+        let config = GlowConfig::parse(get("config")?).map_err(|e| err(e.to_string()))?;
+        let card: ModelCard = serde_json::from_str(get("card")?)
+            .map_err(|e| err(format!("bad model card: {e}")))?;
+        let stored_id = get("model_id")?.clone();
+
+        let (varmap, glow) = Self::build(&config, device, DType::F32)?;
+        let mut loaded = BTreeMap::new();
+        {
+            let vars = varmap.data().lock().expect("varmap lock");
+            let mut expected: Vec<&String> = vars.keys().collect();
+            expected.sort();
+            for name in expected {
+                let var = &vars[name];
+                let view = st
+                    .tensor(name)
+                    .map_err(|_| err(format!("tensor `{name}` is missing")))?;
+                if view.dtype() != safetensors::Dtype::F32 {
+                    return Err(err(format!(
+                        "tensor `{name}` has dtype {:?}, expected F32",
+                        view.dtype()
+                    )));
+                }
+                if view.shape() != var.dims() {
+                    return Err(err(format!(
+                        "tensor `{name}` has shape {:?}, the config needs {:?}",
+                        view.shape(),
+                        var.dims()
+                    )));
+                }
+                let t = view.load(&Device::Cpu).map_err(|e| err(e.to_string()))?;
+                var.set(&t.to_device(device)?)?;
+                loaded.insert(name.clone(), t);
+            }
+            if let Some(extra) = st.names().into_iter().find(|n| !vars.contains_key(*n)) {
+                return Err(err(format!("unexpected tensor `{extra}` for this config")));
+            }
+        }
+        let id = model_id(&config, &loaded)?;
+        if id != stored_id {
+            return Err(err(format!(
+                "content hash {id} does not match the stored model id {stored_id} (file corrupted?)"
+            )));
+        }
+        Ok(Self {
+            varmap,
+            glow,
+            card,
+            device: device.clone(),
+        })
+    }
+}
+
+fn model_id(config: &GlowConfig, tensors: &BTreeMap<String, Tensor>) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(serde_json::to_string(config).expect("config serialises").as_bytes());
+    for (name, t) in tensors {
+        h.update(name.as_bytes());
+        h.update(format!("{:?}", t.dims()).as_bytes());
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        for x in v {
+            h.update(x.to_le_bytes());
+        }
+    }
+    Ok(format!("glow-{}", &hex::encode(h.finalize())[..16]))
+}
+
+/// Current UTC time as RFC 3339 (for model cards).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}

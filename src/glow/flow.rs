@@ -1,0 +1,249 @@
+//! The multi-scale Glow: squeeze -> K x (ActNorm -> 1x1 conv -> coupling) -> exit, per scale.
+//! This is the trainable, differentiable reference path; [`super::GlowScorer`] is the fused
+//! inference path built from it and tested against it.
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand_distr::StandardNormal;
+
+use super::actnorm::ActNorm;
+use super::config::{GlowConfig, ScaleShape};
+use super::coupling::Coupling;
+use super::exit::{Exit, standard_normal_log_density};
+use super::init::ParamWriter;
+use super::invconv::InvConv;
+use super::squeeze::{squeeze, unsqueeze};
+use super::{GlowError, Result};
+
+/// One flow step: ActNorm -> invertible 1x1 conv -> affine coupling.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Per-channel ActNorm.
+    pub actnorm: ActNorm,
+    /// LU 1x1 convolution.
+    pub invconv: InvConv,
+    /// Affine coupling.
+    pub coupling: Coupling,
+}
+
+/// One scale: K steps and the exit of the channels that leave here.
+#[derive(Debug, Clone)]
+pub struct Scale {
+    /// The K steps, in forward order.
+    pub steps: Vec<Step>,
+    /// The exit ActNorm of this scale's latents.
+    pub exit: Exit,
+    /// Shapes at this scale.
+    pub shape: ScaleShape,
+}
+
+/// The terms of the per-scale decomposition for a batch, all per sample in f64.
+#[derive(Debug, Clone)]
+pub struct FlowOutput {
+    /// F_k: sum of the step log-determinants of scale k, (N) each.
+    pub flow_logdet: Vec<Tensor>,
+    /// A_k: exit ActNorm log-determinant of scale k, (N) each.
+    pub exit_logdet: Vec<Tensor>,
+    /// P_k: N(0, I) log-density of the exit-k latents, (N) each.
+    pub prior: Vec<Tensor>,
+    /// The standard-normal latents y_k of each exit, (N, C_k, H_k, W_k).
+    pub latents: Vec<Tensor>,
+    /// Sum of every log-determinant, accumulated layer by layer in a single running sum (N).
+    pub total_logdet: Tensor,
+    /// N(0, I) log-density of all latents concatenated (N).
+    pub total_prior: Tensor,
+}
+
+impl FlowOutput {
+    /// lp_k = F_k + A_k + P_k for scale k, (N) f64.
+    pub fn scale_log_p(&self, k: usize) -> Result<Tensor> {
+        Ok(((&self.flow_logdet[k] + &self.exit_logdet[k])? + &self.prior[k])?)
+    }
+
+    /// log p(x) = sum_k lp_k, (N) f64.
+    pub fn log_p(&self) -> Result<Tensor> {
+        let mut acc = self.scale_log_p(0)?;
+        for k in 1..self.prior.len() {
+            acc = (acc + self.scale_log_p(k)?)?;
+        }
+        Ok(acc)
+    }
+}
+
+/// Multi-scale Glow with its parameters (see the module docs of [`crate::glow`]).
+#[derive(Debug, Clone)]
+pub struct Glow {
+    config: GlowConfig,
+    scales: Vec<Scale>,
+}
+
+impl Glow {
+    /// Builds the model from `vb`: scopes `scale{k}.step{j}.{actnorm,invconv,coupling}` and
+    /// `scale{k}.exit`. With a fresh `VarMap` every parameter starts at its zero/identity value.
+    pub fn new(config: &GlowConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
+        let mut scales = Vec::with_capacity(config.scales);
+        for (k, shape) in config.shape().scales.into_iter().enumerate() {
+            let vs = vb.pp(format!("scale{k}"));
+            let steps = (0..config.steps)
+                .map(|j| {
+                    let v = vs.pp(format!("step{j}"));
+                    Ok(Step {
+                        actnorm: ActNorm::new(v.pp("actnorm"), shape.channels)?,
+                        invconv: InvConv::new(v.pp("invconv"), shape.channels)?,
+                        coupling: Coupling::new(v.pp("coupling"), shape.channels, config.hidden)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let exit = Exit::new(vs.pp("exit"), shape.exit_channels, shape.size)?;
+            scales.push(Scale { steps, exit, shape });
+        }
+        Ok(Self {
+            config: config.clone(),
+            scales,
+        })
+    }
+
+    /// The configuration this model was built from.
+    pub fn config(&self) -> &GlowConfig {
+        &self.config
+    }
+
+    /// The scales, finest first.
+    pub fn scales(&self) -> &[Scale] {
+        &self.scales
+    }
+
+    /// Random initial values from `seed`: orthogonal 1x1 convs, N(0, 0.05^2) coupling convs.
+    pub fn randomize(&self, seed: u64, writer: &ParamWriter) -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        for step in self.scales.iter().flat_map(|s| &s.steps) {
+            step.invconv.randomize(&mut rng, writer)?;
+            step.coupling.randomize(&mut rng, writer)?;
+        }
+        Ok(())
+    }
+
+    /// Data-dependent initialisation of every ActNorm (flow, coupling-hidden and exit) on the
+    /// batch `x`, each on the outputs of the already-initialised layers before it.
+    pub fn init_from_data(&self, x: &Tensor, writer: &ParamWriter) -> Result<()> {
+        self.run(x, Some(writer)).map(|_| ())
+    }
+
+    /// x: (N, C, S, S) in the model's pixel space -> the per-scale decomposition.
+    pub fn forward(&self, x: &Tensor) -> Result<FlowOutput> {
+        self.run(x, None)
+    }
+
+    /// Checks that x is (N, C, S, S) for this model.
+    pub fn check_input(&self, x: &Tensor) -> Result<()> {
+        let c = &self.config;
+        match x.dims() {
+            [_, ch, h, w] if *ch == c.in_channels && *h == c.image_size && *w == c.image_size => {
+                Ok(())
+            }
+            d => Err(GlowError::Input(format!(
+                "expected images of shape (N, {}, {}, {}), got {:?}",
+                c.in_channels, c.image_size, c.image_size, d
+            ))),
+        }
+    }
+
+    fn run(&self, x: &Tensor, init: Option<&ParamWriter>) -> Result<FlowOutput> {
+        self.check_input(x)?;
+        let n = x.dim(0)?;
+        let dev = x.device();
+        let zeros = Tensor::zeros(n, DType::F64, dev)?;
+        let mut out = FlowOutput {
+            flow_logdet: vec![],
+            exit_logdet: vec![],
+            prior: vec![],
+            latents: vec![],
+            total_logdet: zeros.clone(),
+            total_prior: zeros.clone(),
+        };
+        let mut h = x.clone();
+        for scale in &self.scales {
+            h = squeeze(&h)?;
+            let hw = scale.shape.size * scale.shape.size;
+            let mut f = zeros.clone();
+            for step in &scale.steps {
+                h = step.actnorm.forward(&h, init)?;
+                let a = step.actnorm.logdet(hw)?;
+                h = step.invconv.forward(&h)?;
+                let w = step.invconv.logdet(hw)?;
+                let (y, c) = step.coupling.forward(&h, init)?;
+                h = y;
+                f = f.broadcast_add(&(a.clone() + w.clone())?)?.add(&c)?;
+                out.total_logdet = out.total_logdet.broadcast_add(&a)?;
+                out.total_logdet = out.total_logdet.broadcast_add(&w)?;
+                out.total_logdet = (&out.total_logdet + &c)?;
+            }
+            let z = h.narrow(1, 0, scale.shape.exit_channels)?;
+            if scale.shape.exit_channels < scale.shape.channels {
+                h = h.narrow(1, scale.shape.exit_channels, scale.shape.channels / 2)?;
+            }
+            let y = scale.exit.forward(&z, init)?;
+            let a = scale.exit.logdet()?;
+            out.total_logdet = out.total_logdet.broadcast_add(&a)?;
+            out.exit_logdet.push(zeros.broadcast_add(&a)?);
+            out.prior.push(standard_normal_log_density(&y)?);
+            out.flow_logdet.push(f);
+            out.latents.push(y);
+        }
+        let all: Vec<Tensor> = out
+            .latents
+            .iter()
+            .map(|y| y.flatten_from(1))
+            .collect::<candle_core::Result<_>>()?;
+        out.total_prior = standard_normal_log_density(&Tensor::cat(&all, 1)?)?;
+        Ok(out)
+    }
+
+    /// Latents (one standard-normal tensor per exit, shapes as [`FlowOutput::latents`]) -> images.
+    pub fn inverse(&self, latents: &[Tensor]) -> Result<Tensor> {
+        if latents.len() != self.scales.len() {
+            return Err(GlowError::Input(format!(
+                "expected {} latent tensors, got {}",
+                self.scales.len(),
+                latents.len()
+            )));
+        }
+        let mut h: Option<Tensor> = None;
+        for (scale, y) in self.scales.iter().zip(latents).rev() {
+            let z = scale.exit.inverse(y)?;
+            let mut x = match h {
+                Some(rest) => Tensor::cat(&[&z, &rest], 1)?,
+                None => z,
+            };
+            for step in scale.steps.iter().rev() {
+                x = step.coupling.inverse(&x)?;
+                x = step.invconv.inverse(&x)?;
+                x = step.actnorm.inverse(&x)?;
+            }
+            h = Some(unsqueeze(&x)?);
+        }
+        Ok(h.expect("at least two scales"))
+    }
+
+    /// Draws `n` images: latents from N(0, temperature^2 I), mapped back through the flow.
+    pub fn sample(&self, n: usize, temperature: f64, seed: u64) -> Result<Tensor> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let dev = self.scales[0].exit.loc.device();
+        let latents = self
+            .scales
+            .iter()
+            .map(|s| {
+                let sh = s.shape;
+                let len = n * sh.exit_dims();
+                let v: Vec<f32> = (0..len)
+                    .map(|_| (temperature * rng.sample::<f64, _>(StandardNormal)) as f32)
+                    .collect();
+                Ok(Tensor::from_vec(v, (n, sh.exit_channels, sh.size, sh.size), dev)?
+                    .to_dtype(s.exit.loc.dtype())?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.inverse(&latents)
+    }
+}

@@ -1,0 +1,13 @@
+//! glowwatch: out-of-distribution detection for production image feeds with hierarchical
+//! Glow likelihoods (Schirrmeister et al., NeurIPS 2020).
+//!
+//! - [`glow`]: the model (per-scale log-likelihoods, inverse, model files), shared by scoring
+//!   and training.
+//! - [`device`]: `--device auto|cpu|cuda:N`.
+//! - [`bench`]: scoring throughput measurements behind `glowwatch bench`.
+//! - [`cli`]: the command-line interface (`main.rs` only calls into it).
+
+pub mod bench;
+pub mod cli;
+pub mod device;
+pub mod glow;
