@@ -1,1 +1,239 @@
+//! Scoring-throughput benchmark behind `glowwatch bench`: images/s (median of several timed
+//! runs after warm-up), achieved TFLOP/s and, when given, % of a peak and the ratio to a
+//! reference figure. Numbers come only from runs made by this code; nothing is asserted.
 
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde::Serialize;
+
+use crate::device::device_name;
+use crate::glow::config::GlowConfig;
+use crate::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
+use crate::glow::{GlowModel, Result};
+
+/// Numeric precision of a benchmark run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Plain f32 everywhere.
+    F32,
+    /// f32 storage, TF32 tensor-core matmuls (CUDA only).
+    Tf32,
+    /// bf16 weights and activations; likelihood sums still in f64.
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "tf32" => Ok(Self::Tf32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown precision `{s}`: use f32, tf32 or bf16")),
+        }
+    }
+}
+
+impl Precision {
+    fn dtype(self) -> DType {
+        match self {
+            Self::Bf16 => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
+    /// Switches cuBLAS's reduced-precision f32 GEMMs on for TF32 (a no-op on the CPU).
+    fn apply(self) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(self == Self::Tf32);
+    }
+}
+
+/// One benchmark case.
+#[derive(Debug, Clone)]
+pub struct BenchCase {
+    /// Label of the configuration (`paper`, `small`, or a file name).
+    pub name: String,
+    /// The architecture.
+    pub config: GlowConfig,
+    /// Images per scoring call.
+    pub batch: usize,
+    /// Numeric precision.
+    pub precision: Precision,
+}
+
+/// One measured row of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    pub config: String,
+    pub channels: usize,
+    pub params: usize,
+    pub device: String,
+    pub precision: Precision,
+    pub batch: usize,
+    pub runs: usize,
+    pub images_per_s_median: f64,
+    pub images_per_s_min: f64,
+    pub images_per_s_max: f64,
+    pub tflops: f64,
+    pub pct_of_peak: Option<f64>,
+    pub ratio_to_reference: Option<f64>,
+}
+
+/// Options shared by all cases of a run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Timed runs per case (the median is reported).
+    pub runs: usize,
+    /// Untimed warm-up runs per case.
+    pub warmup: usize,
+    /// Peak TFLOP/s of the device for the % column.
+    pub peak_tflops: Option<f64>,
+    /// Reference images/s for the ratio column.
+    pub reference_ips: Option<f64>,
+}
+
+fn random_batch(cfg: &GlowConfig, n: usize, seed: u64, device: &Device) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let px: Vec<u8> = (0..n * cfg.dims()).map(|_| rng.random::<u8>()).collect();
+    pixels_to_tensor(&px, cfg, BIN_CENTRE, device)
+}
+
+/// Median of a non-empty slice.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+/// Measures one case: a randomly initialised model (ActNorms initialised on random images, which
+/// does not change the work done) scoring random 8-bit images with the fused scorer.
+pub fn run_case(case: &BenchCase, device: &Device, opts: &BenchOptions) -> Result<BenchRow> {
+    case.precision.apply();
+    let model = GlowModel::new_random(&case.config, 0, device)?;
+    model.init_from_data(&random_batch(&case.config, case.batch.min(64), 1, device)?)?;
+    let scorer = model.scorer(device, case.precision.dtype())?;
+    let x = random_batch(&case.config, case.batch, 2, device)?;
+    for _ in 0..opts.warmup {
+        scorer.score(&x)?;
+    }
+    let mut ips = Vec::with_capacity(opts.runs);
+    for _ in 0..opts.runs.max(1) {
+        let t = Instant::now();
+        let s = scorer.score(&x)?; // copies to the host: includes device sync
+        let dt = t.elapsed().as_secs_f64();
+        assert_eq!(s.log_p.len(), case.batch);
+        ips.push(case.batch as f64 / dt);
+    }
+    let med = median(&ips);
+    let tflops = med * case.config.flops_per_image() / 1e12;
+    Ok(BenchRow {
+        config: case.name.clone(),
+        channels: case.config.in_channels,
+        params: model.param_count(),
+        device: device_name(device),
+        precision: case.precision,
+        batch: case.batch,
+        runs: ips.len(),
+        images_per_s_median: med,
+        images_per_s_min: ips.iter().cloned().fold(f64::INFINITY, f64::min),
+        images_per_s_max: ips.iter().cloned().fold(0.0, f64::max),
+        tflops,
+        pct_of_peak: opts.peak_tflops.map(|p| 100.0 * tflops / p),
+        ratio_to_reference: opts.reference_ips.map(|r| med / r),
+    })
+}
+
+/// Renders rows as an aligned text table.
+pub fn table(rows: &[BenchRow]) -> String {
+    let header = [
+        "config", "C", "params", "device", "prec", "batch", "runs", "img/s (median)", "min", "max",
+        "TFLOP/s", "% peak", "x ref",
+    ];
+    let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.config.clone(),
+                r.channels.to_string(),
+                format!("{:.1}M", r.params as f64 / 1e6),
+                r.device.clone(),
+                format!("{:?}", r.precision).to_lowercase(),
+                r.batch.to_string(),
+                r.runs.to_string(),
+                format!("{:.1}", r.images_per_s_median),
+                format!("{:.1}", r.images_per_s_min),
+                format!("{:.1}", r.images_per_s_max),
+                format!("{:.3}", r.tflops),
+                opt(r.pct_of_peak, 1),
+                opt(r.ratio_to_reference, 2),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| body.iter().map(|r| r[i].len()).chain([header[i].len()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:>w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let mut out = line(header.iter().map(|s| s.to_string()).collect());
+    out.push('\n');
+    out.push_str(&"-".repeat(out.len() - 1));
+    for r in body {
+        out.push('\n');
+        out.push_str(&line(r));
+    }
+    out.push('\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn a_tiny_case_runs_and_renders() {
+        let case = BenchCase {
+            name: "tiny".into(),
+            config: GlowConfig {
+                image_size: 8,
+                scales: 2,
+                steps: 1,
+                hidden: 4,
+                ..GlowConfig::small(1)
+            },
+            batch: 4,
+            precision: Precision::F32,
+        };
+        let opts = BenchOptions {
+            runs: 2,
+            warmup: 0,
+            peak_tflops: Some(1.0),
+            reference_ips: Some(10.0),
+        };
+        let row = run_case(&case, &Device::Cpu, &opts).unwrap();
+        assert_eq!(row.runs, 2);
+        assert!(row.images_per_s_median > 0.0);
+        let t = table(&[row]);
+        assert!(t.contains("tiny") && t.contains("img/s"), "{t}");
+    }
+}

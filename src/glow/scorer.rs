@@ -12,7 +12,7 @@ use super::config::{GlowConfig, ScaleShape};
 use super::coupling::{affine_forward, halves};
 use super::exit::{EXIT_SCALE_EPS, standard_normal_log_density};
 use super::flow::Glow;
-use super::invconv::{mix_channels, to_matrix, to_tensor, to_vec};
+use super::invconv::{mix_channels, to_tensor, to_vec};
 use super::squeeze::squeeze;
 use super::{Result, bits_per_dim};
 
@@ -78,6 +78,8 @@ pub struct GlowScorer {
     scales: Vec<FusedScale>,
     device: Device,
     dtype: DType,
+    /// dtype of the elementwise likelihood work: f32, or f64 for f64 models.
+    elem: DType,
 }
 
 fn scale_rows(w: &Tensor, row_scale: &[f64]) -> Result<Tensor> {
@@ -96,6 +98,8 @@ impl GlowScorer {
     /// Precomputes the fused weights and constants of `glow` for `device` in `dtype`.
     pub fn new(glow: &Glow, device: &Device, dtype: DType) -> Result<Self> {
         let put = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+        let elem = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let put_elem = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(elem)?.to_device(device)?) };
         let mut scales = Vec::new();
         for scale in glow.scales() {
             let hw = (scale.shape.size * scale.shape.size) as f64;
@@ -139,18 +143,18 @@ impl GlowScorer {
             constant += exit_scale.log()?.sum_all()?.to_scalar::<f64>()?;
             scales.push(FusedScale {
                 steps,
-                exit_loc: put(&scale.exit.loc.detach())?,
-                exit_scale: put(&exit_scale)?,
+                exit_loc: put_elem(&scale.exit.loc.detach())?,
+                exit_scale: put_elem(&exit_scale)?,
                 constant,
                 shape: scale.shape,
             });
         }
-        let _ = to_matrix; // re-exported helper kept for callers of invconv
         Ok(Self {
             config: glow.config().clone(),
             scales,
             device: device.clone(),
             dtype,
+            elem,
         })
     }
 
@@ -184,7 +188,9 @@ impl GlowScorer {
                 let t = conv3x3(&xa, &step.conv1)?.relu()?;
                 let t = mix_channels(&t, &step.conv2.weight, Some(&step.conv2.bias))?.relu()?;
                 let t = conv3x3(&t, &step.conv3)?;
-                let (yb, ld) = affine_forward(&xb, &t)?;
+                // Half-precision runs keep the coupling's exp/log-sigmoid work in f32.
+                let (yb, ld) = affine_forward(&xb.to_dtype(self.elem)?, &t.to_dtype(self.elem)?)?;
+                let yb = yb.to_dtype(self.dtype)?;
                 coupling = (coupling + ld)?;
                 h = Tensor::cat(&[&xa, &yb], 1)?;
             }
@@ -194,6 +200,7 @@ impl GlowScorer {
                 h = h.narrow(1, sh.exit_channels, sh.channels - sh.exit_channels)?;
             }
             let y = z
+                .to_dtype(self.elem)?
                 .broadcast_add(&scale.exit_loc)?
                 .broadcast_mul(&scale.exit_scale)?;
             let lp = ((coupling + standard_normal_log_density(&y)?)? + scale.constant)?;
