@@ -154,8 +154,19 @@ pub fn run_case(case: &BenchCase, device: &Device, opts: &BenchOptions) -> Resul
 /// Renders rows as an aligned text table.
 pub fn table(rows: &[BenchRow]) -> String {
     let header = [
-        "config", "C", "params", "device", "prec", "batch", "runs", "img/s (median)", "min", "max",
-        "TFLOP/s", "% peak", "x ref",
+        "config",
+        "C",
+        "params",
+        "device",
+        "prec",
+        "batch",
+        "runs",
+        "img/s (median)",
+        "min",
+        "max",
+        "TFLOP/s",
+        "% peak",
+        "x ref",
     ];
     let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
     let body: Vec<Vec<String>> = rows
@@ -179,7 +190,13 @@ pub fn table(rows: &[BenchRow]) -> String {
         })
         .collect();
     let widths: Vec<usize> = (0..header.len())
-        .map(|i| body.iter().map(|r| r[i].len()).chain([header[i].len()]).max().unwrap_or(0))
+        .map(|i| {
+            body.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let line = |cells: Vec<String>| {
         cells

@@ -45,7 +45,9 @@ fn open_cuda(ordinal: usize) -> Result<Device, String> {
     match r {
         Ok(Ok(d)) => Ok(d),
         Ok(Err(e)) => Err(format!("cuda:{ordinal}: {e}")),
-        Err(_) => Err(format!("cuda:{ordinal}: CUDA libraries could not be loaded")),
+        Err(_) => Err(format!(
+            "cuda:{ordinal}: CUDA libraries could not be loaded"
+        )),
     }
 }
 
@@ -81,7 +83,7 @@ mod tests {
         assert_eq!("cuda:2".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(2)));
         assert!("gpu".parse::<DeviceSpec>().is_err());
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
-        assert!(matches!(DeviceSpec::Auto.open(), Ok(_)));
+        assert!(DeviceSpec::Auto.open().is_ok());
         if !cfg!(feature = "cuda") {
             assert!(DeviceSpec::Cuda(0).open().is_err());
         }

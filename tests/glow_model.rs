@@ -39,7 +39,10 @@ fn random_images(n: usize, cfg: &GlowConfig, seed: u64, dtype: DType) -> Tensor 
 fn smooth_images(n: usize, cfg: &GlowConfig, seed: u64) -> Tensor {
     let x = random_images(n, cfg, seed, DType::F32);
     let k = Tensor::ones((cfg.in_channels, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
-    (x.conv2d(&(k / 9.0).unwrap(), 1, 1, 1, cfg.in_channels).unwrap() * 1.5).unwrap()
+    (x.conv2d(&(k / 9.0).unwrap(), 1, 1, 1, cfg.in_channels)
+        .unwrap()
+        * 1.5)
+        .unwrap()
 }
 
 /// Moves every trainable parameter off its init value so no layer is an identity or a
@@ -67,7 +70,12 @@ fn perturb(model: &GlowModel, seed: u64, scale: f64) {
 }
 
 fn to_vec64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// log|det J| of `f` at the single input `x` (1, ...) by central differences in f64:
@@ -89,14 +97,17 @@ fn brute_force_logdet(x: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> f64 {
     bshape[0] = 2 * d;
     let out = to_vec64(&f(&Tensor::from_vec(batch, bshape, &Device::Cpu).unwrap()));
     assert_eq!(out.len(), 2 * d * d, "layer must map R^D to R^D");
-    let jac = DMatrix::from_fn(d, d, |r, c| (out[2 * c * d + r] - out[(2 * c + 1) * d + r]) / (2.0 * eps));
+    let jac = DMatrix::from_fn(d, d, |r, c| {
+        (out[2 * c * d + r] - out[(2 * c + 1) * d + r]) / (2.0 * eps)
+    });
     // Sum of log|pivots| rather than log|det|: the determinant itself can underflow.
     jac.lu().u().diagonal().iter().map(|v| v.abs().ln()).sum()
 }
 
 fn f64_model(cfg: &GlowConfig, seed: u64) -> GlowModel {
     let m = GlowModel::new_random_dtype(cfg, seed, &Device::Cpu, DType::F64).unwrap();
-    m.init_from_data(&random_images(16, cfg, seed + 1, DType::F64)).unwrap();
+    m.init_from_data(&random_images(16, cfg, seed + 1, DType::F64))
+        .unwrap();
     perturb(&m, seed + 2, 0.05);
     m
 }
@@ -113,22 +124,36 @@ fn layer_log_determinants_match_brute_force_jacobians() {
     let scalar = |t: Tensor| t.to_scalar::<f64>().unwrap();
 
     let an = brute_force_logdet(&x, |b| step.actnorm.forward(b, None).unwrap());
-    assert!((an - scalar(step.actnorm.logdet(hw).unwrap())).abs() < 1e-6, "actnorm {an}");
+    assert!(
+        (an - scalar(step.actnorm.logdet(hw).unwrap())).abs() < 1e-6,
+        "actnorm {an}"
+    );
 
     let ic = brute_force_logdet(&x, |b| step.invconv.forward(b).unwrap());
-    assert!((ic - scalar(step.invconv.logdet(hw).unwrap())).abs() < 1e-6, "invconv {ic}");
+    assert!(
+        (ic - scalar(step.invconv.logdet(hw).unwrap())).abs() < 1e-6,
+        "invconv {ic}"
+    );
 
     let cp = brute_force_logdet(&x, |b| step.coupling.forward(b, None).unwrap().0);
     let cp_ld = to_vec64(&step.coupling.forward(&x, None).unwrap().1)[0];
-    assert!(cp.abs() > 0.1, "coupling must be non-trivial here, got {cp}");
+    assert!(
+        cp.abs() > 0.1,
+        "coupling must be non-trivial here, got {cp}"
+    );
     assert!((cp - cp_ld).abs() < 1e-6, "coupling brute {cp} vs {cp_ld}");
 
-    let sq = brute_force_logdet(&random_images(1, &cfg, 3, DType::F64), |b| squeeze(b).unwrap());
+    let sq = brute_force_logdet(&random_images(1, &cfg, 3, DType::F64), |b| {
+        squeeze(b).unwrap()
+    });
     assert!(sq.abs() < 1e-9, "squeeze is volume preserving, got {sq}");
 
     let z = x.narrow(1, 0, 2).unwrap();
     let ex = brute_force_logdet(&z, |b| sc.exit.forward(b, None).unwrap());
-    assert!((ex - scalar(sc.exit.logdet().unwrap())).abs() < 1e-6, "exit {ex}");
+    assert!(
+        (ex - scalar(sc.exit.logdet().unwrap())).abs() < 1e-6,
+        "exit {ex}"
+    );
 }
 
 #[test]
@@ -138,7 +163,11 @@ fn whole_flow_log_likelihood_matches_change_of_variables() {
     let x = random_images(1, &cfg, 5, DType::F64);
     let flat_latents = |b: &Tensor| {
         let out = m.glow.forward(b).unwrap();
-        let parts: Vec<Tensor> = out.latents.iter().map(|y| y.flatten_from(1).unwrap()).collect();
+        let parts: Vec<Tensor> = out
+            .latents
+            .iter()
+            .map(|y| y.flatten_from(1).unwrap())
+            .collect();
         Tensor::cat(&parts, 1).unwrap()
     };
     let logdet = brute_force_logdet(&x, flat_latents);
@@ -153,10 +182,17 @@ fn whole_flow_log_likelihood_matches_change_of_variables() {
         logdet + prior
     );
     // The fused scorer gives the same per-scale terms in f64.
-    let s = m.scorer(&Device::Cpu, DType::F64).unwrap().score(&x).unwrap();
+    let s = m
+        .scorer(&Device::Cpu, DType::F64)
+        .unwrap()
+        .score(&x)
+        .unwrap();
     for k in 0..cfg.scales {
         let r = to_vec64(&out.scale_log_p(k).unwrap())[0];
-        assert!((s.per_scale[0][k] - r).abs() < 1e-9 * (1.0 + r.abs()), "scale {k}");
+        assert!(
+            (s.per_scale[0][k] - r).abs() < 1e-9 * (1.0 + r.abs()),
+            "scale {k}"
+        );
     }
 }
 
@@ -174,8 +210,18 @@ fn inverse_of_forward_reconstructs_images_f32() {
         perturb(&m, 3, 0.02);
         let out = m.glow.forward(&x).unwrap();
         let back = m.glow.inverse(&out.latents).unwrap();
-        let err = (back - &x).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(err < 1e-4, "C={in_channels}: max abs reconstruction error {err}");
+        let err = (back - &x)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            err < 1e-4,
+            "C={in_channels}: max abs reconstruction error {err}"
+        );
         let samples = m.glow.sample(4, 0.7, 9).unwrap();
         assert_eq!(samples.dims(), &[4, in_channels, 32, 32]);
         assert!(to_vec64(&samples).iter().all(|v| v.is_finite()));
@@ -197,7 +243,11 @@ fn per_scale_terms_sum_to_the_total_in_f64() {
     // Independent accumulation: one running log-det sum + the prior of all latents at once.
     let total = to_vec64(&(&out.total_logdet + &out.total_prior).unwrap());
     let by_scale = to_vec64(&out.log_p().unwrap());
-    let scorer = m.scorer(&Device::Cpu, DType::F32).unwrap().score(&x).unwrap();
+    let scorer = m
+        .scorer(&Device::Cpu, DType::F32)
+        .unwrap()
+        .score(&x)
+        .unwrap();
     for i in 0..16 {
         assert!(
             (total[i] - by_scale[i]).abs() <= 1e-6 * total[i].abs(),
@@ -216,7 +266,10 @@ fn per_scale_terms_sum_to_the_total_in_f64() {
         );
         for k in 0..cfg.scales {
             let r = to_vec64(&out.scale_log_p(k).unwrap())[i];
-            assert!((scorer.per_scale[i][k] - r).abs() <= 2e-5 * (1.0 + r.abs()), "scale {k}");
+            assert!(
+                (scorer.per_scale[i][k] - r).abs() <= 2e-5 * (1.0 + r.abs()),
+                "scale {k}"
+            );
         }
     }
 }
@@ -228,7 +281,11 @@ fn fresh_model_gives_about_8_2_bpd_on_uniform_noise() {
     let init = random_images(64, &cfg, 9, DType::F32);
     m.init_from_data(&init).unwrap();
     let test = random_images(32, &cfg, 10, DType::F32);
-    let s = m.scorer(&Device::Cpu, DType::F32).unwrap().score(&test).unwrap();
+    let s = m
+        .scorer(&Device::Cpu, DType::F32)
+        .unwrap()
+        .score(&test)
+        .unwrap();
     let bpd = s.bpd(cfg.dims());
     let mean = bpd.iter().sum::<f64>() / bpd.len() as f64;
     // Entropy 8 bits + the Gaussian-vs-uniform gap (0.25 bits) at a linear initialisation.
@@ -258,10 +315,24 @@ fn actnorm_outputs_are_standardised_after_data_dependent_init() {
     m.init_from_data(&x).unwrap();
     let check = |t: &Tensor, what: &str| {
         let c = t.dim(1).unwrap();
-        let flat = t.transpose(0, 1).unwrap().contiguous().unwrap().reshape((c, ())).unwrap();
-        for (ch, row) in flat.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap().iter().enumerate() {
+        let flat = t
+            .transpose(0, 1)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((c, ()))
+            .unwrap();
+        for (ch, row) in flat
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
             let mean = row.iter().sum::<f64>() / row.len() as f64;
-            let std = (row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / row.len() as f64).sqrt();
+            let std =
+                (row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / row.len() as f64).sqrt();
             assert!(mean.abs() < 1e-4, "{what} channel {ch}: mean {mean}");
             assert!((std - 1.0).abs() < 1e-3, "{what} channel {ch}: std {std}");
         }
@@ -276,6 +347,17 @@ fn actnorm_outputs_are_standardised_after_data_dependent_init() {
     // Exit ActNorms standardise every latent dimension over the batch.
     for (k, y) in m.glow.forward(&x).unwrap().latents.iter().enumerate() {
         let flat = y.flatten_from(1).unwrap().unsqueeze(2).unwrap();
-        check(&flat.transpose(0, 1).unwrap().transpose(0, 2).unwrap().transpose(1, 2).unwrap().transpose(0, 1).unwrap(), &format!("exit {k}"));
+        check(
+            &flat
+                .transpose(0, 1)
+                .unwrap()
+                .transpose(0, 2)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap(),
+            &format!("exit {k}"),
+        );
     }
 }

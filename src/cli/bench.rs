@@ -47,8 +47,8 @@ pub(super) fn named_config(name: &str) -> Result<GlowConfig> {
         "small" | "small1" => GlowConfig::small(1),
         "small3" => GlowConfig::small(3),
         path => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading config {path}"))?;
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading config {path}"))?;
             GlowConfig::parse(&text).with_context(|| format!("config {path}"))?
         }
     })

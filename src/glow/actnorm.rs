@@ -5,8 +5,8 @@
 use candle_core::{D, DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::init::ParamWriter;
 use super::Result;
+use super::init::ParamWriter;
 
 /// Smallest standard deviation data-dependent init divides by.
 pub const MIN_INIT_STD: f64 = 1e-6;
@@ -48,9 +48,10 @@ impl ActNorm {
 
     /// y: (N, C, H, W) -> x; exact inverse of [`ActNorm::forward`].
     pub fn inverse(&self, y: &Tensor) -> Result<Tensor> {
-        Ok(y
-            .broadcast_mul(&Self::per_channel(&self.logs.neg()?.exp()?)?)?
-            .broadcast_sub(&Self::per_channel(&self.loc)?)?)
+        Ok(
+            y.broadcast_mul(&Self::per_channel(&self.logs.neg()?.exp()?)?)?
+                .broadcast_sub(&Self::per_channel(&self.loc)?)?,
+        )
     }
 
     /// Scalar f64 log-determinant for a spatial area of `hw` pixels (data independent).
@@ -69,7 +70,10 @@ fn channel_init(x: &Tensor) -> Result<(Tensor, Tensor)> {
         .contiguous()?
         .reshape((c, ()))?;
     let mean = flat.mean(D::Minus1)?;
-    let var = flat.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.mean(D::Minus1)?;
+    let var = flat
+        .broadcast_sub(&mean.unsqueeze(1)?)?
+        .sqr()?
+        .mean(D::Minus1)?;
     let logs = var.sqrt()?.maximum(MIN_INIT_STD)?.log()?.neg()?;
     Ok((mean.neg()?, logs))
 }

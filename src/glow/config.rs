@@ -113,7 +113,10 @@ impl GlowConfig {
     pub fn validate(&self) -> Result<(), GlowError> {
         let bad = |m: String| Err(GlowError::Config(m));
         if self.in_channels != 1 && self.in_channels != 3 {
-            return bad(format!("in_channels must be 1 or 3, got {}", self.in_channels));
+            return bad(format!(
+                "in_channels must be 1 or 3, got {}",
+                self.in_channels
+            ));
         }
         if self.scales < 2 {
             return bad(format!("scales must be >= 2, got {}", self.scales));
@@ -128,7 +131,7 @@ impl GlowConfig {
             return bad("hidden must be >= 1".into());
         }
         let m = 1usize << self.scales;
-        if self.image_size == 0 || self.image_size % m != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(m) {
             return bad(format!(
                 "image_size must be a positive multiple of 2^scales = {m}, got {}",
                 self.image_size

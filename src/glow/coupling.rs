@@ -105,7 +105,10 @@ pub fn halves(x: &Tensor) -> Result<(Tensor, Tensor)> {
 pub fn shift_and_raw(h: &Tensor) -> Result<(Tensor, Tensor)> {
     let (n, c, hh, ww) = h.dims4()?;
     let pairs = h.reshape((n, c / 2, 2, hh, ww))?;
-    Ok((pairs.narrow(2, 0, 1)?.squeeze(2)?, pairs.narrow(2, 1, 1)?.squeeze(2)?))
+    Ok((
+        pairs.narrow(2, 0, 1)?.squeeze(2)?,
+        pairs.narrow(2, 1, 1)?.squeeze(2)?,
+    ))
 }
 
 /// The affine transform shared by the training path and the fused scorer:

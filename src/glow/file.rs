@@ -153,8 +153,9 @@ impl GlowModel {
             serde_json::to_string(&self.card).expect("card serialises"),
         );
         meta.insert("model_id".to_string(), id.clone());
-        let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
-            .map_err(|e| file_err(format!("cannot serialise: {e}")))?;
+        let bytes =
+            safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+                .map_err(|e| file_err(format!("cannot serialise: {e}")))?;
         let tmp = path.with_extension("safetensors.tmp");
         let write = || -> std::io::Result<()> {
             use std::io::Write;
@@ -178,8 +179,11 @@ impl GlowModel {
             problem,
         };
         let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| err(format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+            err(format!(
+                "not a valid safetensors file (truncated or corrupt?): {e}"
+            ))
+        })?;
         let (_, header) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| err(format!("unreadable header: {e}")))?;
         let meta = header
@@ -191,7 +195,10 @@ impl GlowModel {
                 .ok_or_else(|| err(format!("metadata key `{k}` is missing")))
         };
         if get("format")? != FORMAT {
-            return Err(err(format!("format is `{}`, expected `{FORMAT}`", get("format")?)));
+            return Err(err(format!(
+                "format is `{}`, expected `{FORMAT}`",
+                get("format")?
+            )));
         }
         let version = get("format_version")?;
         if version != &FORMAT_VERSION.to_string() {
@@ -200,8 +207,8 @@ impl GlowModel {
             )));
         }
         let config = GlowConfig::parse(get("config")?).map_err(|e| err(e.to_string()))?;
-        let card: ModelCard = serde_json::from_str(get("card")?)
-            .map_err(|e| err(format!("bad model card: {e}")))?;
+        let card: ModelCard =
+            serde_json::from_str(get("card")?).map_err(|e| err(format!("bad model card: {e}")))?;
         let stored_id = get("model_id")?.clone();
 
         let (varmap, glow) = Self::build(&config, device, DType::F32)?;
@@ -253,7 +260,11 @@ impl GlowModel {
 
 fn model_id(config: &GlowConfig, tensors: &BTreeMap<String, Tensor>) -> Result<String> {
     let mut h = Sha256::new();
-    h.update(serde_json::to_string(config).expect("config serialises").as_bytes());
+    h.update(
+        serde_json::to_string(config)
+            .expect("config serialises")
+            .as_bytes(),
+    );
     for (name, t) in tensors {
         h.update(name.as_bytes());
         h.update(format!("{:?}", t.dims()).as_bytes());

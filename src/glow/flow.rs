@@ -240,8 +240,10 @@ impl Glow {
                 let v: Vec<f32> = (0..len)
                     .map(|_| (temperature * rng.sample::<f64, _>(StandardNormal)) as f32)
                     .collect();
-                Ok(Tensor::from_vec(v, (n, sh.exit_channels, sh.size, sh.size), dev)?
-                    .to_dtype(s.exit.loc.dtype())?)
+                Ok(
+                    Tensor::from_vec(v, (n, sh.exit_channels, sh.size, sh.size), dev)?
+                        .to_dtype(s.exit.loc.dtype())?,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         self.inverse(&latents)

@@ -28,9 +28,7 @@ pub fn image_to_pixels(img: &DynamicImage, cfg: &GlowConfig) -> Result<Vec<u8>> 
     let c = cfg.in_channels;
     let raw: Vec<u8> = match cfg.preprocess.resize {
         _ if (w, h) == (s, s) => to_channels(img, c),
-        ResizeMode::Bilinear => {
-            to_channels(&img.resize_exact(s, s, FilterType::Triangle), c)
-        }
+        ResizeMode::Bilinear => to_channels(&img.resize_exact(s, s, FilterType::Triangle), c),
         ResizeMode::Pad if w <= s && h <= s => {
             let src = to_channels(img, c);
             let mut out = vec![0u8; (s * s) as usize * c];
@@ -72,7 +70,7 @@ pub fn pixels_to_tensor(
     device: &Device,
 ) -> Result<Tensor> {
     let per = cfg.dims();
-    if per == 0 || pixels.len() % per != 0 {
+    if per == 0 || !pixels.len().is_multiple_of(per) {
         return Err(GlowError::Input(format!(
             "{} bytes is not a whole number of {}x{}x{} images",
             pixels.len(),
@@ -101,7 +99,8 @@ mod tests {
     #[test]
     fn grey_28_is_resized_to_32_on_the_8bit_grid() {
         let cfg = GlowConfig::small(1);
-        let img = DynamicImage::ImageLuma8(GrayImage::from_fn(28, 28, |x, _| Luma([(x * 9) as u8])));
+        let img =
+            DynamicImage::ImageLuma8(GrayImage::from_fn(28, 28, |x, _| Luma([(x * 9) as u8])));
         let px = image_to_pixels(&img, &cfg).unwrap();
         assert_eq!(px.len(), 32 * 32);
         // Bilinear keeps a horizontal ramp monotone and within the source range.
@@ -131,7 +130,8 @@ mod tests {
     #[test]
     fn rgb_is_channel_major() {
         let cfg = GlowConfig::small(3);
-        let img = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(32, 32, image::Rgb([1, 2, 3])));
+        let img =
+            DynamicImage::ImageRgb8(image::RgbImage::from_pixel(32, 32, image::Rgb([1, 2, 3])));
         let px = image_to_pixels(&img, &cfg).unwrap();
         assert_eq!((px[0], px[1024], px[2048]), (1, 2, 3));
     }

@@ -1,47 +1,52 @@
-//! Inference fast path. At load time every data-independent quantity is computed once (in f64,
-//! on the CPU): each step's ActNorm is folded into its 1x1 conv (`M = W diag(exp(s))`,
-//! `c = M loc`), the coupling networks' ActNorms and output scale are folded into their convs,
-//! and the log-determinants of ActNorms, 1x1 convs and exit ActNorms become one constant per
-//! scale. Per image only the coupling log-determinants and the prior remain. 1x1 convolutions
-//! run as matrix multiplications. Tests hold it to the reference path of [`super::Glow`].
+//! Inference fast path, channels-last. At load time every data-independent quantity is computed
+//! once (in f64, on the CPU):
+//! - each step's ActNorm is folded into its 1x1 conv (`M = W diag(exp(s))`, `c = M loc`);
+//! - the coupling networks' ActNorms and output scale `exp(3 logs)` are folded into their convs,
+//!   and the last conv's output channels are reordered to [shift..., raw...] so both halves are
+//!   contiguous column blocks;
+//! - the log-determinants of ActNorms, 1x1 convs and exit ActNorms become one constant per scale.
+//!
+//! Per image only the coupling log-determinants and the prior remain. Activations stay in
+//! (N, H, W, C) layout so every convolution is one large matrix multiplication over N*H*W rows:
+//! 1x1 convs directly, the first 3x3 conv (few input channels) through im2col, and the last 3x3
+//! conv (many inputs, few outputs) as a matmul to its 9 taps followed by a shifted sum, which
+//! never materialises a 9x copy of the wide hidden activations. Tests hold this path to the
+//! reference path of [`super::Glow`].
 
 use candle_core::{D, DType, Device, Tensor};
 use nalgebra::DMatrix;
 
 use super::config::{GlowConfig, ScaleShape};
-use super::coupling::{affine_forward, halves};
 use super::exit::{EXIT_SCALE_EPS, standard_normal_log_density};
 use super::flow::Glow;
-use super::invconv::{mix_channels, to_tensor, to_vec};
-use super::squeeze::squeeze;
-use super::{Result, bits_per_dim};
-
-/// A conv (or matrix) with its folded bias.
-#[derive(Debug, Clone)]
-struct Affine {
-    weight: Tensor,
-    bias: Tensor,
-}
+use super::invconv::{to_matrix, to_vec};
+use super::{Result, bits_per_dim, log_sigmoid, per_sample_sum};
 
 #[derive(Debug, Clone)]
 struct FusedStep {
-    /// ActNorm folded into the 1x1 conv: y = M x + c.
-    mix: Affine,
-    /// conv3x3 with its ActNorm folded in.
-    conv1: Affine,
-    /// conv1x1 (matrix) with its ActNorm folded in.
-    conv2: Affine,
-    /// conv3x3 with exp(3*logs) folded in.
-    conv3: Affine,
+    /// (C, C) = (W diag(exp s))^T: y = x @ mix + mix_bias.
+    mix: Tensor,
+    mix_bias: Tensor,
+    /// (9 * C/2, hidden) im2col weight, rows ordered (tap, in-channel); ActNorm folded in.
+    conv1: Tensor,
+    conv1_bias: Tensor,
+    /// (hidden, hidden) transposed, ActNorm folded in.
+    conv2: Tensor,
+    conv2_bias: Tensor,
+    /// (hidden, 9 * C) weights to the 9 taps, columns ordered (tap, out) with the outputs
+    /// reordered to [shift..., raw...]; exp(3 logs) folded in.
+    conv3: Tensor,
+    conv3_bias: Tensor,
 }
 
 #[derive(Debug, Clone)]
 struct FusedScale {
     steps: Vec<FusedStep>,
+    /// Exit ActNorm location and scale, (H, W, C_exit).
     exit_loc: Tensor,
     exit_scale: Tensor,
-    /// Data-independent part of lp_k: ActNorm + 1x1 conv log-determinants of all K steps plus
-    /// the exit ActNorm's log-determinant (A_k).
+    /// Data-independent part of lp_k: ActNorm and 1x1-conv log-determinants of all K steps
+    /// plus the exit ActNorm's log-determinant A_k.
     constant: f64,
     shape: ScaleShape,
 }
@@ -82,27 +87,44 @@ pub struct GlowScorer {
     elem: DType,
 }
 
-fn scale_rows(w: &Tensor, row_scale: &[f64]) -> Result<Tensor> {
-    let o = w.dim(0)?;
-    let s = Tensor::from_vec(row_scale.to_vec(), o, &Device::Cpu)?;
-    let shape: Vec<usize> = std::iter::once(o)
-        .chain(std::iter::repeat_n(1, w.rank() - 1))
-        .collect();
-    Ok(w.detach()
-        .to_dtype(DType::F64)?
-        .to_device(&Device::Cpu)?
-        .broadcast_mul(&s.reshape(shape)?)?)
+/// Row-major f64 matrix -> tensor.
+fn mat_tensor(m: &DMatrix<f64>) -> Result<Tensor> {
+    Ok(Tensor::from_vec(
+        m.transpose().as_slice().to_vec(),
+        (m.nrows(), m.ncols()),
+        &Device::Cpu,
+    )?)
+}
+
+/// A (Cout, Cin, 3, 3) conv weight as f64 values indexed [o][ci][dy][dx].
+fn conv_values(w: &Tensor) -> Result<(Vec<f64>, usize, usize)> {
+    let (o, i, _, _) = w.dims4()?;
+    Ok((
+        w.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1()?,
+        o,
+        i,
+    ))
 }
 
 impl GlowScorer {
     /// Precomputes the fused weights and constants of `glow` for `device` in `dtype`.
     pub fn new(glow: &Glow, device: &Device, dtype: DType) -> Result<Self> {
-        let put = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
-        let elem = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
-        let put_elem = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(elem)?.to_device(device)?) };
+        let elem = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let put = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+        let put_elem = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(elem)?.to_device(device)?) };
+        let vec_t = |v: Vec<f64>| -> Result<Tensor> {
+            let n = v.len();
+            put(Tensor::from_vec(v, n, &Device::Cpu)?)
+        };
         let mut scales = Vec::new();
         for scale in glow.scales() {
             let hw = (scale.shape.size * scale.shape.size) as f64;
+            let c = scale.shape.channels;
+            let half = c / 2;
             let mut constant = 0.0;
             let mut steps = Vec::new();
             for step in &scale.steps {
@@ -111,40 +133,71 @@ impl GlowScorer {
                 let logw = to_vec(&step.invconv.logw)?;
                 constant += hw * (s.iter().sum::<f64>() + logw.iter().sum::<f64>());
                 let (w, _) = step.invconv.weight_and_inverse_f64()?;
-                let m = &w * DMatrix::from_diagonal(&s.iter().map(|v| v.exp()).collect::<Vec<_>>().into());
-                let c = &m * nalgebra::DVector::from_vec(loc);
-                let mix = Affine {
-                    weight: put(&to_tensor(&m, &Device::Cpu)?)?,
-                    bias: put(&Tensor::from_vec(c.as_slice().to_vec(), c.len(), &Device::Cpu)?)?,
-                };
+                let es: Vec<f64> = s.iter().map(|v| v.exp()).collect();
+                let m = &w * DMatrix::from_diagonal(&es.into());
+                let mix_bias = &m * nalgebra::DVector::from_vec(loc);
+
                 let cp = &step.coupling;
-                let folded = |conv: &Tensor, norm: &super::actnorm::ActNorm| -> Result<Affine> {
-                    let e: Vec<f64> = to_vec(&norm.logs)?.iter().map(|v| v.exp()).collect();
-                    let b: Vec<f64> = to_vec(&norm.loc)?.iter().zip(&e).map(|(l, e)| l * e).collect();
-                    Ok(Affine {
-                        weight: put(&scale_rows(conv, &e)?)?,
-                        bias: put(&Tensor::from_vec(b, e.len(), &Device::Cpu)?)?,
-                    })
-                };
-                let e3: Vec<f64> = to_vec(&cp.conv3_logs)?.iter().map(|v| (3.0 * v).exp()).collect();
-                let b3: Vec<f64> = to_vec(&cp.conv3_bias)?.iter().zip(&e3).map(|(b, e)| b * e).collect();
+                let e1: Vec<f64> = to_vec(&cp.norm1.logs)?.iter().map(|v| v.exp()).collect();
+                let b1: Vec<f64> = to_vec(&cp.norm1.loc)?
+                    .iter()
+                    .zip(&e1)
+                    .map(|(l, e)| l * e)
+                    .collect();
+                let (w1, hidden, cin) = conv_values(&cp.conv1)?;
+                let conv1 = DMatrix::from_fn(9 * cin, hidden, |r, o| {
+                    let (t, ci) = (r / cin, r % cin);
+                    e1[o] * w1[((o * cin + ci) * 3 + t / 3) * 3 + t % 3]
+                });
+
+                let e2: Vec<f64> = to_vec(&cp.norm2.logs)?.iter().map(|v| v.exp()).collect();
+                let b2: Vec<f64> = to_vec(&cp.norm2.loc)?
+                    .iter()
+                    .zip(&e2)
+                    .map(|(l, e)| l * e)
+                    .collect();
+                let w2 = to_matrix(&cp.conv2)?; // (out, in)
+                let conv2 = DMatrix::from_fn(hidden, hidden, |i, o| e2[o] * w2[(o, i)]);
+
+                // New output column j holds old channel 2j (shift) or 2(j - C/2) + 1 (raw).
+                let old = |j: usize| if j < half { 2 * j } else { 2 * (j - half) + 1 };
+                let e3: Vec<f64> = to_vec(&cp.conv3_logs)?
+                    .iter()
+                    .map(|v| (3.0 * v).exp())
+                    .collect();
+                let b3_old = to_vec(&cp.conv3_bias)?;
+                let (w3, _, _) = conv_values(&cp.conv3)?;
+                let conv3 = DMatrix::from_fn(hidden, 9 * c, |i, col| {
+                    let (t, j) = (col / c, col % c);
+                    let o = old(j);
+                    e3[o] * w3[((o * hidden + i) * 3 + t / 3) * 3 + t % 3]
+                });
+                let b3: Vec<f64> = (0..c).map(|j| e3[old(j)] * b3_old[old(j)]).collect();
+
                 steps.push(FusedStep {
-                    mix,
-                    conv1: folded(&cp.conv1, &cp.norm1)?,
-                    conv2: folded(&cp.conv2, &cp.norm2)?,
-                    conv3: Affine {
-                        weight: put(&scale_rows(&cp.conv3, &e3)?)?,
-                        bias: put(&Tensor::from_vec(b3, e3.len(), &Device::Cpu)?)?,
-                    },
+                    mix: put(mat_tensor(&m.transpose())?)?,
+                    mix_bias: vec_t(mix_bias.as_slice().to_vec())?,
+                    conv1: put(mat_tensor(&conv1)?)?,
+                    conv1_bias: vec_t(b1)?,
+                    conv2: put(mat_tensor(&conv2)?)?,
+                    conv2_bias: vec_t(b2)?,
+                    conv3: put(mat_tensor(&conv3)?)?,
+                    conv3_bias: vec_t(b3)?,
                 });
             }
-            let exit_logs = scale.exit.logs.detach().to_dtype(DType::F64)?.to_device(&Device::Cpu)?;
-            let exit_scale = (exit_logs.exp()? + EXIT_SCALE_EPS)?;
+            let chw_to_hwc = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.detach()
+                    .to_dtype(DType::F64)?
+                    .to_device(&Device::Cpu)?
+                    .permute((1, 2, 0))?
+                    .contiguous()?)
+            };
+            let exit_scale = (chw_to_hwc(&scale.exit.logs)?.exp()? + EXIT_SCALE_EPS)?;
             constant += exit_scale.log()?.sum_all()?.to_scalar::<f64>()?;
             scales.push(FusedScale {
                 steps,
-                exit_loc: put_elem(&scale.exit.loc.detach())?,
-                exit_scale: put_elem(&exit_scale)?,
+                exit_loc: put_elem(chw_to_hwc(&scale.exit.loc)?)?,
+                exit_scale: put_elem(exit_scale)?,
                 constant,
                 shape: scale.shape,
             });
@@ -177,27 +230,24 @@ impl GlowScorer {
     /// (N, L) f64 tensor on the scorer's device.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let n = x.dim(0)?;
-        let mut h = x.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let mut h = x
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?;
         let mut lps = Vec::with_capacity(self.scales.len());
         for scale in &self.scales {
-            h = squeeze(&h)?;
+            h = squeeze_nhwc(&h)?;
             let mut coupling = Tensor::zeros(n, DType::F64, &self.device)?;
             for step in &scale.steps {
-                h = mix_channels(&h, &step.mix.weight, Some(&step.mix.bias))?;
-                let (xa, xb) = halves(&h)?;
-                let t = conv3x3(&xa, &step.conv1)?.relu()?;
-                let t = mix_channels(&t, &step.conv2.weight, Some(&step.conv2.bias))?.relu()?;
-                let t = conv3x3(&t, &step.conv3)?;
-                // Half-precision runs keep the coupling's exp/log-sigmoid work in f32.
-                let (yb, ld) = affine_forward(&xb.to_dtype(self.elem)?, &t.to_dtype(self.elem)?)?;
-                let yb = yb.to_dtype(self.dtype)?;
+                let (y, ld) = self.step(&h, step)?;
+                h = y;
                 coupling = (coupling + ld)?;
-                h = Tensor::cat(&[&xa, &yb], 1)?;
             }
             let sh = scale.shape;
-            let z = h.narrow(1, 0, sh.exit_channels)?;
+            let z = h.narrow(3, 0, sh.exit_channels)?;
             if sh.exit_channels < sh.channels {
-                h = h.narrow(1, sh.exit_channels, sh.channels - sh.exit_channels)?;
+                h = h.narrow(3, sh.exit_channels, sh.channels - sh.exit_channels)?;
             }
             let y = z
                 .to_dtype(self.elem)?
@@ -209,6 +259,28 @@ impl GlowScorer {
         Ok(Tensor::stack(&lps, D::Minus1)?)
     }
 
+    /// One step on h: (N, H, W, C) -> (y, per-sample coupling log-determinant (N) f64).
+    fn step(&self, h: &Tensor, st: &FusedStep) -> Result<(Tensor, Tensor)> {
+        let (n, hh, ww, c) = h.dims4()?;
+        let rows = n * hh * ww;
+        let half = c / 2;
+        let h = linear(&h.reshape((rows, c))?, &st.mix, &st.mix_bias)?.reshape((n, hh, ww, c))?;
+        let xa = h.narrow(3, 0, half)?;
+        let xb = h.narrow(3, half, c - half)?;
+        let t = linear(&im2col3x3(&xa)?, &st.conv1, &st.conv1_bias)?.relu()?;
+        let t = linear(&t, &st.conv2, &st.conv2_bias)?.relu()?;
+        let taps = t.matmul(&st.conv3)?.reshape((n, hh, ww, 9, c))?;
+        let out = shifted_tap_sum(&taps)?.broadcast_add(&st.conv3_bias)?;
+        // Half-precision runs keep the exp/log-sigmoid work in f32; sums are f64 regardless.
+        let shift = out.narrow(3, 0, half)?.to_dtype(self.elem)?;
+        let raw = out.narrow(3, half, c - half)?.to_dtype(self.elem)?;
+        let log_s = log_sigmoid(&(raw + 2.0)?)?;
+        let yb = (xb.to_dtype(self.elem)? + shift)?
+            .mul(&log_s.exp()?)?
+            .to_dtype(self.dtype)?;
+        Ok((Tensor::cat(&[&xa, &yb], 3)?, per_sample_sum(&log_s)?))
+    }
+
     /// Scores a batch and copies the result to the host.
     pub fn score(&self, x: &Tensor) -> Result<ScaleScores> {
         let per_scale = self.forward(x)?.to_device(&Device::Cpu)?.to_vec2::<f64>()?;
@@ -217,7 +289,88 @@ impl GlowScorer {
     }
 }
 
-fn conv3x3(x: &Tensor, a: &Affine) -> Result<Tensor> {
-    Ok(x.conv2d(&a.weight, 1, 1, 1, 1)?
-        .broadcast_add(&a.bias.reshape((1, (), 1, 1))?)?)
+/// x @ w + b for x: (rows, in), w: (in, out), b: (out).
+fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(w)?.broadcast_add(b)?)
+}
+
+/// Channels-last squeeze: (N, H, W, C) -> (N, H/2, W/2, 4C), channel c*4 + 2i + j as in
+/// [`super::squeeze::squeeze`].
+pub fn squeeze_nhwc(x: &Tensor) -> Result<Tensor> {
+    let (n, h, w, c) = x.dims4()?;
+    Ok(x.reshape((n, h / 2, 2, w / 2, 2, c))?
+        .permute((0, 1, 3, 5, 2, 4))?
+        .reshape((n, h / 2, w / 2, c * 4))?)
+}
+
+/// (N, H, W, C) -> (N*H*W, 9*C) patches of a zero-padded 3x3 neighbourhood, columns ordered
+/// (tap = 3*dy + dx, channel).
+fn im2col3x3(x: &Tensor) -> Result<Tensor> {
+    let (n, h, w, c) = x.dims4()?;
+    let p = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+    let taps: Vec<Tensor> = (0..9)
+        .map(|t| p.narrow(1, t / 3, h)?.narrow(2, t % 3, w))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::cat(&taps, 3)?.reshape((n * h * w, 9 * c))?)
+}
+
+/// Completes a 3x3 convolution computed per input pixel and tap: taps (N, H, W, 9, C) ->
+/// out[y, x] = sum over taps (dy, dx) of taps[y + dy - 1, x + dx - 1, tap], zero outside.
+fn shifted_tap_sum(taps: &Tensor) -> Result<Tensor> {
+    let (_, h, w, _, _) = taps.dims5()?;
+    let p = taps.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+    let mut acc: Option<Tensor> = None;
+    for t in 0..9 {
+        let part = p
+            .narrow(1, t / 3, h)?
+            .narrow(2, t % 3, w)?
+            .narrow(3, t, 1)?;
+        acc = Some(match acc {
+            Some(a) => (a + part)?,
+            None => part,
+        });
+    }
+    Ok(acc.expect("nine taps").squeeze(3)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn im2col_and_tap_sum_match_conv2d() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1., (2, 3, 5, 4), &dev)?; // NCHW
+        let w = Tensor::randn(0f64, 1., (6, 3, 3, 3), &dev)?;
+        let want = x.conv2d(&w, 1, 1, 1, 1)?.permute((0, 2, 3, 1))?; // NHWC
+        let xh = x.permute((0, 2, 3, 1))?.contiguous()?;
+        let (wv, o, i) = conv_values(&w)?;
+        let cols = DMatrix::from_fn(9 * i, o, |r, oo| {
+            wv[((oo * i + r % i) * 3 + (r / i) / 3) * 3 + (r / i) % 3]
+        });
+        let got = im2col3x3(&xh)?
+            .matmul(&mat_tensor(&cols)?)?
+            .reshape((2, 5, 4, 6))?;
+        assert!((got - &want)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
+        let taps_w = DMatrix::from_fn(i, 9 * o, |ci, col| {
+            let (t, oo) = (col / o, col % o);
+            wv[((oo * i + ci) * 3 + t / 3) * 3 + t % 3]
+        });
+        let taps = xh
+            .reshape((40, 3))?
+            .matmul(&mat_tensor(&taps_w)?)?
+            .reshape((2, 5, 4, 9, 6))?;
+        let got = shifted_tap_sum(&taps)?;
+        assert!((got - &want)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn nhwc_squeeze_matches_nchw_squeeze() -> Result<()> {
+        let x = Tensor::arange(0f32, 2. * 3. * 4. * 4., &Device::Cpu)?.reshape((2, 3, 4, 4))?;
+        let want = super::super::squeeze::squeeze(&x)?.permute((0, 2, 3, 1))?;
+        let got = squeeze_nhwc(&x.permute((0, 2, 3, 1))?.contiguous()?)?;
+        assert_eq!((got - want)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
 }

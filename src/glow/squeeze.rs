@@ -26,6 +26,7 @@ mod tests {
     use candle_core::Device;
 
     #[test]
+    #[allow(clippy::needless_range_loop)] // index arithmetic is the point of this test
     fn channel_order_is_c4_2i_j() -> Result<()> {
         // 2 channels of 4x4 holding their own flat index.
         let x = Tensor::arange(0f32, 32., &Device::Cpu)?.reshape((1, 2, 4, 4))?;
