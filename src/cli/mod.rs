@@ -1,6 +1,7 @@
 //! Command-line interface: one file per subcommand; `main.rs` only calls [`main`].
 
 mod bench;
+mod doctor;
 mod model;
 
 use std::process::ExitCode;
@@ -19,6 +20,8 @@ pub struct Cli {
 enum Command {
     /// Measure scoring throughput (images/s, TFLOP/s) of Glow configurations.
     Bench(bench::BenchArgs),
+    /// Check a device's scores against the CPU reference in every precision.
+    Doctor(doctor::DoctorArgs),
     /// Create and inspect model files.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -29,6 +32,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
+        Command::Doctor(a) => doctor::run(a),
         Command::Model(c) => model::run(c),
     };
     match result {
