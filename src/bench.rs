@@ -51,7 +51,7 @@ impl Precision {
     }
 }
 
-/// One benchmark case.
+/// One benchmark configuration, measured at every batch size and precision.
 #[derive(Debug, Clone)]
 pub struct BenchCase {
     /// Label of the configuration (`paper`, `small`, or a file name).
@@ -59,9 +59,9 @@ pub struct BenchCase {
     /// The architecture.
     pub config: GlowConfig,
     /// Images per scoring call.
-    pub batch: usize,
-    /// Numeric precision.
-    pub precision: Precision,
+    pub batches: Vec<usize>,
+    /// Numeric precisions.
+    pub precisions: Vec<Precision>,
 }
 
 /// One measured row of the table.
@@ -113,42 +113,58 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Measures one case: a randomly initialised model (ActNorms initialised on random images, which
-/// does not change the work done) scoring random 8-bit images with the fused scorer.
-pub fn run_case(case: &BenchCase, device: &Device, opts: &BenchOptions) -> Result<BenchRow> {
-    case.precision.apply();
+/// Measures one configuration: one randomly initialised model (ActNorms initialised on random
+/// images, which does not change the work done) scoring random 8-bit images with the fused
+/// scorer at every precision and batch size. `on_row` sees each row as it is measured.
+pub fn run_case(
+    case: &BenchCase,
+    device: &Device,
+    opts: &BenchOptions,
+    mut on_row: impl FnMut(&BenchRow),
+) -> Result<Vec<BenchRow>> {
     let model = GlowModel::new_random(&case.config, 0, device)?;
-    model.init_from_data(&random_batch(&case.config, case.batch.min(64), 1, device)?)?;
-    let scorer = model.scorer(device, case.precision.dtype())?;
-    let x = random_batch(&case.config, case.batch, 2, device)?;
-    for _ in 0..opts.warmup {
-        scorer.score(&x)?;
+    let init_n = case.batches.iter().copied().min().unwrap_or(1).min(64);
+    model.init_from_data(&random_batch(&case.config, init_n, 1, device)?)?;
+    let mut rows = Vec::new();
+    for &precision in &case.precisions {
+        precision.apply();
+        let scorer = model.scorer(device, precision.dtype())?;
+        for &batch in &case.batches {
+            let x = random_batch(&case.config, batch, 2, device)?;
+            for _ in 0..opts.warmup {
+                scorer.score(&x)?;
+            }
+            let mut ips = Vec::with_capacity(opts.runs);
+            for _ in 0..opts.runs.max(1) {
+                let t = Instant::now();
+                let s = scorer.score(&x)?; // copies to the host: includes device sync
+                let dt = t.elapsed().as_secs_f64();
+                assert_eq!(s.log_p.len(), batch);
+                ips.push(batch as f64 / dt);
+            }
+            let med = median(&ips);
+            let tflops = med * case.config.flops_per_image() / 1e12;
+            let row = BenchRow {
+                config: case.name.clone(),
+                channels: case.config.in_channels,
+                params: model.param_count(),
+                device: device_name(device),
+                precision,
+                batch,
+                runs: ips.len(),
+                images_per_s_median: med,
+                images_per_s_min: ips.iter().cloned().fold(f64::INFINITY, f64::min),
+                images_per_s_max: ips.iter().cloned().fold(0.0, f64::max),
+                tflops,
+                pct_of_peak: opts.peak_tflops.map(|p| 100.0 * tflops / p),
+                ratio_to_reference: opts.reference_ips.map(|r| med / r),
+            };
+            on_row(&row);
+            rows.push(row);
+        }
     }
-    let mut ips = Vec::with_capacity(opts.runs);
-    for _ in 0..opts.runs.max(1) {
-        let t = Instant::now();
-        let s = scorer.score(&x)?; // copies to the host: includes device sync
-        let dt = t.elapsed().as_secs_f64();
-        assert_eq!(s.log_p.len(), case.batch);
-        ips.push(case.batch as f64 / dt);
-    }
-    let med = median(&ips);
-    let tflops = med * case.config.flops_per_image() / 1e12;
-    Ok(BenchRow {
-        config: case.name.clone(),
-        channels: case.config.in_channels,
-        params: model.param_count(),
-        device: device_name(device),
-        precision: case.precision,
-        batch: case.batch,
-        runs: ips.len(),
-        images_per_s_median: med,
-        images_per_s_min: ips.iter().cloned().fold(f64::INFINITY, f64::min),
-        images_per_s_max: ips.iter().cloned().fold(0.0, f64::max),
-        tflops,
-        pct_of_peak: opts.peak_tflops.map(|p| 100.0 * tflops / p),
-        ratio_to_reference: opts.reference_ips.map(|r| med / r),
-    })
+    Precision::F32.apply();
+    Ok(rows)
 }
 
 /// Renders rows as an aligned text table.
@@ -238,8 +254,8 @@ mod tests {
                 hidden: 4,
                 ..GlowConfig::small(1)
             },
-            batch: 4,
-            precision: Precision::F32,
+            batches: vec![4, 2],
+            precisions: vec![Precision::F32],
         };
         let opts = BenchOptions {
             runs: 2,
@@ -247,10 +263,14 @@ mod tests {
             peak_tflops: Some(1.0),
             reference_ips: Some(10.0),
         };
-        let row = run_case(&case, &Device::Cpu, &opts).unwrap();
-        assert_eq!(row.runs, 2);
-        assert!(row.images_per_s_median > 0.0);
-        let t = table(&[row]);
+        let rows = run_case(&case, &Device::Cpu, &opts, |_| {}).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].batch, rows[1].batch), (4, 2));
+        assert!(
+            rows.iter()
+                .all(|r| r.runs == 2 && r.images_per_s_median > 0.0)
+        );
+        let t = table(&rows);
         assert!(t.contains("tiny") && t.contains("img/s"), "{t}");
     }
 }

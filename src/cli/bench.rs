@@ -65,24 +65,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let mut rows = Vec::new();
     for name in &a.config {
-        let config = named_config(name)?;
-        for &precision in &a.precision {
-            for &batch in &a.batch {
-                let case = BenchCase {
-                    name: name.clone(),
-                    config: config.clone(),
-                    batch,
-                    precision,
-                };
-                let row = run_case(&case, &device, &opts)
-                    .with_context(|| format!("bench {name} {precision:?} batch {batch}"))?;
-                eprintln!(
-                    "{name} {precision:?} batch {batch}: {:.1} images/s",
-                    row.images_per_s_median
-                );
-                rows.push(row);
-            }
-        }
+        let case = BenchCase {
+            name: name.clone(),
+            config: named_config(name)?,
+            batches: a.batch.clone(),
+            precisions: a.precision.clone(),
+        };
+        let measured = run_case(&case, &device, &opts, |r| {
+            eprintln!(
+                "{name} {:?} batch {}: {:.1} images/s",
+                r.precision, r.batch, r.images_per_s_median
+            )
+        })
+        .with_context(|| format!("bench {name}"))?;
+        rows.extend(measured);
     }
     print!("{}", table(&rows));
     if let Some(path) = a.json {
