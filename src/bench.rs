@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::device::device_name;
 use crate::glow::config::GlowConfig;
 use crate::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
+use crate::glow::scorer::StageTimer;
 use crate::glow::{GlowModel, Result};
 
 /// Numeric precision of a benchmark run.
@@ -80,6 +81,9 @@ pub struct BenchRow {
     pub tflops: f64,
     pub pct_of_peak: Option<f64>,
     pub ratio_to_reference: Option<f64>,
+    /// Seconds per stage of one profiled forward pass (when profiling).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<(String, f64)>,
 }
 
 /// Options shared by all cases of a run.
@@ -93,6 +97,8 @@ pub struct BenchOptions {
     pub peak_tflops: Option<f64>,
     /// Reference images/s for the ratio column.
     pub reference_ips: Option<f64>,
+    /// Also time the stages of one forward pass per row (see [`StageTimer`]).
+    pub profile: bool,
 }
 
 fn random_batch(cfg: &GlowConfig, n: usize, seed: u64, device: &Device) -> Result<Tensor> {
@@ -142,6 +148,17 @@ pub fn run_case(
                 assert_eq!(s.log_p.len(), batch);
                 ips.push(batch as f64 / dt);
             }
+            let stages = if opts.profile {
+                let mut timer = StageTimer::new(device)?;
+                scorer.forward_timed(&x, Some(&mut timer))?;
+                timer
+                    .totals
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect()
+            } else {
+                vec![]
+            };
             let med = median(&ips);
             let tflops = med * case.config.flops_per_image() / 1e12;
             let row = BenchRow {
@@ -158,6 +175,7 @@ pub fn run_case(
                 tflops,
                 pct_of_peak: opts.peak_tflops.map(|p| 100.0 * tflops / p),
                 ratio_to_reference: opts.reference_ips.map(|r| med / r),
+                stages,
             };
             on_row(&row);
             rows.push(row);
@@ -233,6 +251,31 @@ pub fn table(rows: &[BenchRow]) -> String {
     out
 }
 
+/// Renders the per-stage shares of profiled rows.
+pub fn profile_table(rows: &[BenchRow]) -> String {
+    let mut out = String::new();
+    for r in rows.iter().filter(|r| !r.stages.is_empty()) {
+        let total: f64 = r.stages.iter().map(|(_, v)| v).sum();
+        out.push_str(&format!(
+            "profile {} {:?} batch {} ({:.1} ms, synchronised per stage):\n",
+            r.config,
+            r.precision,
+            r.batch,
+            total * 1e3
+        ));
+        let mut st = r.stages.clone();
+        st.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (k, v) in st {
+            out.push_str(&format!(
+                "  {k:>16}  {:>9.2} ms  {:>5.1}%\n",
+                v * 1e3,
+                100.0 * v / total
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +305,7 @@ mod tests {
             warmup: 0,
             peak_tflops: Some(1.0),
             reference_ips: Some(10.0),
+            profile: true,
         };
         let rows = run_case(&case, &Device::Cpu, &opts, |_| {}).unwrap();
         assert_eq!(rows.len(), 2);

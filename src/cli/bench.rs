@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::bench::{BenchCase, BenchOptions, Precision, run_case, table};
+use crate::bench::{BenchCase, BenchOptions, Precision, profile_table, run_case, table};
 use crate::device::DeviceSpec;
 use crate::glow::config::GlowConfig;
 
@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Reference images/s (e.g. from ../shared/docs/performance.md), for the "x ref" column.
     #[arg(long)]
     reference_ips: Option<f64>,
+    /// Also time the stages of one forward pass per row and print their shares.
+    #[arg(long)]
+    profile: bool,
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -62,6 +65,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         warmup: a.warmup,
         peak_tflops: a.peak_tflops,
         reference_ips: a.reference_ips,
+        profile: a.profile,
     };
     let mut rows = Vec::new();
     for name in &a.config {
@@ -81,6 +85,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         rows.extend(measured);
     }
     print!("{}", table(&rows));
+    print!("{}", profile_table(&rows));
     if let Some(path) = a.json {
         std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -76,6 +76,42 @@ impl ScaleScores {
     }
 }
 
+/// Wall time per stage of the fused forward pass, for `glowwatch bench --profile`. Every mark
+/// synchronises the device, so profiled runs are slower than plain ones; use it for shares.
+pub struct StageTimer {
+    device: Device,
+    last: std::time::Instant,
+    /// Seconds spent per stage label, summed over all marks.
+    pub totals: std::collections::BTreeMap<&'static str, f64>,
+}
+
+impl StageTimer {
+    /// Starts timing work on `device` (after waiting for what is already queued).
+    pub fn new(device: &Device) -> Result<Self> {
+        device.synchronize()?;
+        Ok(Self {
+            device: device.clone(),
+            last: std::time::Instant::now(),
+            totals: Default::default(),
+        })
+    }
+
+    fn mark(&mut self, label: &'static str) -> Result<()> {
+        self.device.synchronize()?;
+        let now = std::time::Instant::now();
+        *self.totals.entry(label).or_default() += (now - self.last).as_secs_f64();
+        self.last = now;
+        Ok(())
+    }
+}
+
+fn mark(timer: &mut Option<&mut StageTimer>, label: &'static str) -> Result<()> {
+    match timer {
+        Some(t) => t.mark(label),
+        None => Ok(()),
+    }
+}
+
 /// The fused, inference-only form of a [`Glow`], on one device and dtype.
 #[derive(Debug, Clone)]
 pub struct GlowScorer {
@@ -229,6 +265,11 @@ impl GlowScorer {
     /// x: (N, C, S, S) in pixel space (any dtype/device) -> lp_k per image and scale as an
     /// (N, L) f64 tensor on the scorer's device.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_timed(x, None)
+    }
+
+    /// [`GlowScorer::forward`] with optional per-stage timing.
+    pub fn forward_timed(&self, x: &Tensor, mut timer: Option<&mut StageTimer>) -> Result<Tensor> {
         let n = x.dim(0)?;
         let mut h = x
             .to_device(&self.device)?
@@ -238,9 +279,10 @@ impl GlowScorer {
         let mut lps = Vec::with_capacity(self.scales.len());
         for scale in &self.scales {
             h = squeeze_nhwc(&h)?;
+            mark(&mut timer, "squeeze")?;
             let mut coupling = Tensor::zeros(n, DType::F64, &self.device)?;
             for step in &scale.steps {
-                let (y, ld) = self.step(&h, step)?;
+                let (y, ld) = self.step(&h, step, &mut timer)?;
                 h = y;
                 coupling = (coupling + ld)?;
             }
@@ -255,22 +297,39 @@ impl GlowScorer {
                 .broadcast_mul(&scale.exit_scale)?;
             let lp = ((coupling + standard_normal_log_density(&y)?)? + scale.constant)?;
             lps.push(lp);
+            mark(&mut timer, "exit+prior")?;
         }
         Ok(Tensor::stack(&lps, D::Minus1)?)
     }
 
     /// One step on h: (N, H, W, C) -> (y, per-sample coupling log-determinant (N) f64).
-    fn step(&self, h: &Tensor, st: &FusedStep) -> Result<(Tensor, Tensor)> {
+    fn step(
+        &self,
+        h: &Tensor,
+        st: &FusedStep,
+        timer: &mut Option<&mut StageTimer>,
+    ) -> Result<(Tensor, Tensor)> {
         let (n, hh, ww, c) = h.dims4()?;
         let rows = n * hh * ww;
         let half = c / 2;
         let h = linear(&h.reshape((rows, c))?, &st.mix, &st.mix_bias)?.reshape((n, hh, ww, c))?;
+        mark(timer, "1x1 mix")?;
         let xa = h.narrow(3, 0, half)?;
         let xb = h.narrow(3, half, c - half)?;
-        let t = linear(&im2col3x3(&xa)?, &st.conv1, &st.conv1_bias)?.relu()?;
-        let t = linear(&t, &st.conv2, &st.conv2_bias)?.relu()?;
+        let cols = im2col3x3(&xa)?;
+        mark(timer, "im2col")?;
+        let t = cols.matmul(&st.conv1)?;
+        mark(timer, "conv1 matmul")?;
+        let t = t.broadcast_add(&st.conv1_bias)?.relu()?;
+        mark(timer, "conv1 bias+relu")?;
+        let t = t.matmul(&st.conv2)?;
+        mark(timer, "conv2 matmul")?;
+        let t = t.broadcast_add(&st.conv2_bias)?.relu()?;
+        mark(timer, "conv2 bias+relu")?;
         let taps = t.matmul(&st.conv3)?.reshape((n, hh, ww, 9, c))?;
+        mark(timer, "conv3 matmul")?;
         let out = shifted_tap_sum(&taps)?.broadcast_add(&st.conv3_bias)?;
+        mark(timer, "conv3 tap sum")?;
         // Half-precision runs keep the exp/log-sigmoid work in f32; sums are f64 regardless.
         let shift = out.narrow(3, 0, half)?.to_dtype(self.elem)?;
         let raw = out.narrow(3, half, c - half)?.to_dtype(self.elem)?;
@@ -278,7 +337,11 @@ impl GlowScorer {
         let yb = (xb.to_dtype(self.elem)? + shift)?
             .mul(&log_s.exp()?)?
             .to_dtype(self.dtype)?;
-        Ok((Tensor::cat(&[&xa, &yb], 3)?, per_sample_sum(&log_s)?))
+        let ld = per_sample_sum(&log_s)?;
+        mark(timer, "affine+logdet")?;
+        let y = Tensor::cat(&[&xa, &yb], 3)?;
+        mark(timer, "cat")?;
+        Ok((y, ld))
     }
 
     /// Scores a batch and copies the result to the host.
