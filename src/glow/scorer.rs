@@ -6,6 +6,10 @@
 //!   contiguous column blocks;
 //! - the log-determinants of ActNorms, 1x1 convs and exit ActNorms become one constant per scale.
 //!
+//! Biases of the coupling convolutions ride inside their matrix multiplications (a ones column
+//! in the im2col patches and a constant-1 hidden unit), so no separate broadcast pass touches the
+//! wide hidden activations; only ReLU does.
+//!
 //! Per image only the coupling log-determinants and the prior remain. Activations stay in
 //! (N, H, W, C) layout so every convolution is one large matrix multiplication over N*H*W rows:
 //! 1x1 convs directly, the first 3x3 conv (few input channels) through im2col, and the last 3x3
@@ -27,16 +31,16 @@ struct FusedStep {
     /// (C, C) = (W diag(exp s))^T: y = x @ mix + mix_bias.
     mix: Tensor,
     mix_bias: Tensor,
-    /// (9 * C/2, hidden) im2col weight, rows ordered (tap, in-channel); ActNorm folded in.
+    /// (9 * C/2 + 1, hidden') im2col weight, rows ordered (tap, in-channel) then the bias row
+    /// that meets the im2col ones column; ActNorm folded in. Output column `hidden` is the
+    /// constant 1 that carries the next biases; hidden' rounds hidden + 1 up to a multiple of 8.
     conv1: Tensor,
-    conv1_bias: Tensor,
-    /// (hidden, hidden) transposed, ActNorm folded in.
+    /// (hidden', hidden') transposed, ActNorm folded in, bias in the constant row.
     conv2: Tensor,
-    conv2_bias: Tensor,
-    /// (hidden, 9 * C) weights to the 9 taps, columns ordered (tap, out) with the outputs
-    /// reordered to [shift..., raw...]; exp(3 logs) folded in.
+    /// (hidden', 9 * C) weights to the 9 taps, columns ordered (tap, out) with the outputs
+    /// reordered to [shift..., raw...]; exp(3 logs) folded in; the bias sits in the constant
+    /// row of the centre tap, which every output position receives exactly once.
     conv3: Tensor,
-    conv3_bias: Tensor,
 }
 
 #[derive(Debug, Clone)]
@@ -181,9 +185,16 @@ impl GlowScorer {
                     .map(|(l, e)| l * e)
                     .collect();
                 let (w1, hidden, cin) = conv_values(&cp.conv1)?;
-                let conv1 = DMatrix::from_fn(9 * cin, hidden, |r, o| {
-                    let (t, ci) = (r / cin, r % cin);
-                    e1[o] * w1[((o * cin + ci) * 3 + t / 3) * 3 + t % 3]
+                let one = hidden; // index of the constant-1 hidden unit
+                let wide = (hidden + 1).next_multiple_of(8);
+                let conv1 = DMatrix::from_fn(9 * cin + 1, wide, |r, o| match (r == 9 * cin, o) {
+                    (true, o) if o < hidden => b1[o],
+                    (true, o) if o == one => 1.0,
+                    (false, o) if o < hidden => {
+                        let (t, ci) = (r / cin, r % cin);
+                        e1[o] * w1[((o * cin + ci) * 3 + t / 3) * 3 + t % 3]
+                    }
+                    _ => 0.0,
                 });
 
                 let e2: Vec<f64> = to_vec(&cp.norm2.logs)?.iter().map(|v| v.exp()).collect();
@@ -193,7 +204,12 @@ impl GlowScorer {
                     .map(|(l, e)| l * e)
                     .collect();
                 let w2 = to_matrix(&cp.conv2)?; // (out, in)
-                let conv2 = DMatrix::from_fn(hidden, hidden, |i, o| e2[o] * w2[(o, i)]);
+                let conv2 = DMatrix::from_fn(wide, wide, |i, o| match (i, o) {
+                    (i, o) if i < hidden && o < hidden => e2[o] * w2[(o, i)],
+                    (i, o) if i == one && o < hidden => b2[o],
+                    (i, o) if i == one && o == one => 1.0,
+                    _ => 0.0,
+                });
 
                 // New output column j holds old channel 2j (shift) or 2(j - C/2) + 1 (raw).
                 let old = |j: usize| if j < half { 2 * j } else { 2 * (j - half) + 1 };
@@ -201,24 +217,25 @@ impl GlowScorer {
                     .iter()
                     .map(|v| (3.0 * v).exp())
                     .collect();
-                let b3_old = to_vec(&cp.conv3_bias)?;
+                let b3 = to_vec(&cp.conv3_bias)?;
                 let (w3, _, _) = conv_values(&cp.conv3)?;
-                let conv3 = DMatrix::from_fn(hidden, 9 * c, |i, col| {
+                const CENTRE: usize = 4;
+                let conv3 = DMatrix::from_fn(wide, 9 * c, |i, col| {
                     let (t, j) = (col / c, col % c);
                     let o = old(j);
-                    e3[o] * w3[((o * hidden + i) * 3 + t / 3) * 3 + t % 3]
+                    match i {
+                        i if i < hidden => e3[o] * w3[((o * hidden + i) * 3 + t / 3) * 3 + t % 3],
+                        i if i == one && t == CENTRE => e3[o] * b3[o],
+                        _ => 0.0,
+                    }
                 });
-                let b3: Vec<f64> = (0..c).map(|j| e3[old(j)] * b3_old[old(j)]).collect();
 
                 steps.push(FusedStep {
                     mix: put(mat_tensor(&m.transpose())?)?,
                     mix_bias: vec_t(mix_bias.as_slice().to_vec())?,
                     conv1: put(mat_tensor(&conv1)?)?,
-                    conv1_bias: vec_t(b1)?,
                     conv2: put(mat_tensor(&conv2)?)?,
-                    conv2_bias: vec_t(b2)?,
                     conv3: put(mat_tensor(&conv3)?)?,
-                    conv3_bias: vec_t(b3)?,
                 });
             }
             let chw_to_hwc = |t: &Tensor| -> Result<Tensor> {
@@ -316,19 +333,19 @@ impl GlowScorer {
         mark(timer, "1x1 mix")?;
         let xa = h.narrow(3, 0, half)?;
         let xb = h.narrow(3, half, c - half)?;
-        let cols = im2col3x3(&xa)?;
+        let cols = im2col3x3_with_ones(&xa)?;
         mark(timer, "im2col")?;
         let t = cols.matmul(&st.conv1)?;
         mark(timer, "conv1 matmul")?;
-        let t = t.broadcast_add(&st.conv1_bias)?.relu()?;
-        mark(timer, "conv1 bias+relu")?;
+        let t = t.relu()?;
+        mark(timer, "conv1 relu")?;
         let t = t.matmul(&st.conv2)?;
         mark(timer, "conv2 matmul")?;
-        let t = t.broadcast_add(&st.conv2_bias)?.relu()?;
-        mark(timer, "conv2 bias+relu")?;
+        let t = t.relu()?;
+        mark(timer, "conv2 relu")?;
         let taps = t.matmul(&st.conv3)?.reshape((n, hh, ww, 9, c))?;
         mark(timer, "conv3 matmul")?;
-        let out = shifted_tap_sum(&taps)?.broadcast_add(&st.conv3_bias)?;
+        let out = shifted_tap_sum(&taps)?;
         mark(timer, "conv3 tap sum")?;
         // Half-precision runs keep the exp/log-sigmoid work in f32; sums are f64 regardless.
         let shift = out.narrow(3, 0, half)?.to_dtype(self.elem)?;
@@ -366,15 +383,16 @@ pub fn squeeze_nhwc(x: &Tensor) -> Result<Tensor> {
         .reshape((n, h / 2, w / 2, c * 4))?)
 }
 
-/// (N, H, W, C) -> (N*H*W, 9*C) patches of a zero-padded 3x3 neighbourhood, columns ordered
-/// (tap = 3*dy + dx, channel).
-fn im2col3x3(x: &Tensor) -> Result<Tensor> {
+/// (N, H, W, C) -> (N*H*W, 9*C + 1) patches of a zero-padded 3x3 neighbourhood, columns
+/// ordered (tap = 3*dy + dx, channel), then a column of ones that meets the bias row.
+fn im2col3x3_with_ones(x: &Tensor) -> Result<Tensor> {
     let (n, h, w, c) = x.dims4()?;
     let p = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
-    let taps: Vec<Tensor> = (0..9)
+    let mut taps: Vec<Tensor> = (0..9)
         .map(|t| p.narrow(1, t / 3, h)?.narrow(2, t % 3, w))
         .collect::<candle_core::Result<_>>()?;
-    Ok(Tensor::cat(&taps, 3)?.reshape((n * h * w, 9 * c))?)
+    taps.push(Tensor::ones((n, h, w, 1), x.dtype(), x.device())?);
+    Ok(Tensor::cat(&taps, 3)?.reshape((n * h * w, 9 * c + 1))?)
 }
 
 /// Completes a 3x3 convolution computed per input pixel and tap: taps (N, H, W, 9, C) ->
@@ -411,7 +429,12 @@ mod tests {
         let cols = DMatrix::from_fn(9 * i, o, |r, oo| {
             wv[((oo * i + r % i) * 3 + (r / i) / 3) * 3 + (r / i) % 3]
         });
-        let got = im2col3x3(&xh)?
+        let patches = im2col3x3_with_ones(&xh)?;
+        assert_eq!(patches.dims(), &[40, 28]);
+        let ones = patches.narrow(1, 27, 1)?.flatten_all()?.to_vec1::<f64>()?;
+        assert!(ones.iter().all(|&v| v == 1.0));
+        let got = patches
+            .narrow(1, 0, 27)?
             .matmul(&mat_tensor(&cols)?)?
             .reshape((2, 5, 4, 6))?;
         assert!((got - &want)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
