@@ -16,6 +16,7 @@ pub mod file;
 pub mod flow;
 pub mod init;
 pub mod invconv;
+pub mod kernels;
 pub mod preprocess;
 pub mod scorer;
 pub mod squeeze;

@@ -14,7 +14,8 @@
 //! (N, H, W, C) layout so every convolution is one large matrix multiplication over N*H*W rows:
 //! 1x1 convs directly, the first 3x3 conv (few input channels) through im2col, and the last 3x3
 //! conv (many inputs, few outputs) as a matmul to its 9 taps followed by a shifted sum, which
-//! never materialises a 9x copy of the wide hidden activations. Tests hold this path to the
+//! never materialises a 9x copy of the wide hidden activations. Patches, tap sums and the narrow
+//! 1x1 mixes are single fused kernels ([`super::kernels`]). Tests hold this path to the
 //! reference path of [`super::Glow`].
 
 use candle_core::{D, DType, Device, Tensor};
@@ -24,6 +25,7 @@ use super::config::{GlowConfig, ScaleShape};
 use super::exit::{EXIT_SCALE_EPS, standard_normal_log_density};
 use super::flow::Glow;
 use super::invconv::{to_matrix, to_vec};
+use super::kernels::{im2col3x3_ones, small_linear, tap_sum3x3};
 use super::{Result, bits_per_dim, log_sigmoid, per_sample_sum};
 
 #[derive(Debug, Clone)]
@@ -329,11 +331,12 @@ impl GlowScorer {
         let (n, hh, ww, c) = h.dims4()?;
         let rows = n * hh * ww;
         let half = c / 2;
-        let h = linear(&h.reshape((rows, c))?, &st.mix, &st.mix_bias)?.reshape((n, hh, ww, c))?;
+        let h =
+            small_linear(&h.reshape((rows, c))?, &st.mix, &st.mix_bias)?.reshape((n, hh, ww, c))?;
         mark(timer, "1x1 mix")?;
         let xa = h.narrow(3, 0, half)?;
         let xb = h.narrow(3, half, c - half)?;
-        let cols = im2col3x3_with_ones(&xa)?;
+        let cols = im2col3x3_ones(&xa)?;
         mark(timer, "im2col")?;
         let t = cols.matmul(&st.conv1)?;
         mark(timer, "conv1 matmul")?;
@@ -345,7 +348,7 @@ impl GlowScorer {
         mark(timer, "conv2 relu")?;
         let taps = t.matmul(&st.conv3)?.reshape((n, hh, ww, 9, c))?;
         mark(timer, "conv3 matmul")?;
-        let out = shifted_tap_sum(&taps)?;
+        let out = tap_sum3x3(&taps)?;
         mark(timer, "conv3 tap sum")?;
         // Half-precision runs keep the exp/log-sigmoid work in f32; sums are f64 regardless.
         let shift = out.narrow(3, 0, half)?.to_dtype(self.elem)?;
@@ -369,11 +372,6 @@ impl GlowScorer {
     }
 }
 
-/// x @ w + b for x: (rows, in), w: (in, out), b: (out).
-fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(w)?.broadcast_add(b)?)
-}
-
 /// Channels-last squeeze: (N, H, W, C) -> (N, H/2, W/2, 4C), channel c*4 + 2i + j as in
 /// [`super::squeeze::squeeze`].
 pub fn squeeze_nhwc(x: &Tensor) -> Result<Tensor> {
@@ -381,37 +379,6 @@ pub fn squeeze_nhwc(x: &Tensor) -> Result<Tensor> {
     Ok(x.reshape((n, h / 2, 2, w / 2, 2, c))?
         .permute((0, 1, 3, 5, 2, 4))?
         .reshape((n, h / 2, w / 2, c * 4))?)
-}
-
-/// (N, H, W, C) -> (N*H*W, 9*C + 1) patches of a zero-padded 3x3 neighbourhood, columns
-/// ordered (tap = 3*dy + dx, channel), then a column of ones that meets the bias row.
-fn im2col3x3_with_ones(x: &Tensor) -> Result<Tensor> {
-    let (n, h, w, c) = x.dims4()?;
-    let p = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
-    let mut taps: Vec<Tensor> = (0..9)
-        .map(|t| p.narrow(1, t / 3, h)?.narrow(2, t % 3, w))
-        .collect::<candle_core::Result<_>>()?;
-    taps.push(Tensor::ones((n, h, w, 1), x.dtype(), x.device())?);
-    Ok(Tensor::cat(&taps, 3)?.reshape((n * h * w, 9 * c + 1))?)
-}
-
-/// Completes a 3x3 convolution computed per input pixel and tap: taps (N, H, W, 9, C) ->
-/// out[y, x] = sum over taps (dy, dx) of taps[y + dy - 1, x + dx - 1, tap], zero outside.
-fn shifted_tap_sum(taps: &Tensor) -> Result<Tensor> {
-    let (_, h, w, _, _) = taps.dims5()?;
-    let p = taps.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
-    let mut acc: Option<Tensor> = None;
-    for t in 0..9 {
-        let part = p
-            .narrow(1, t / 3, h)?
-            .narrow(2, t % 3, w)?
-            .narrow(3, t, 1)?;
-        acc = Some(match acc {
-            Some(a) => (a + part)?,
-            None => part,
-        });
-    }
-    Ok(acc.expect("nine taps").squeeze(3)?)
 }
 
 #[cfg(test)]
@@ -429,7 +396,7 @@ mod tests {
         let cols = DMatrix::from_fn(9 * i, o, |r, oo| {
             wv[((oo * i + r % i) * 3 + (r / i) / 3) * 3 + (r / i) % 3]
         });
-        let patches = im2col3x3_with_ones(&xh)?;
+        let patches = im2col3x3_ones(&xh)?;
         assert_eq!(patches.dims(), &[40, 28]);
         let ones = patches.narrow(1, 27, 1)?.flatten_all()?.to_vec1::<f64>()?;
         assert!(ones.iter().all(|&v| v == 1.0));
@@ -446,7 +413,7 @@ mod tests {
             .reshape((40, 3))?
             .matmul(&mat_tensor(&taps_w)?)?
             .reshape((2, 5, 4, 9, 6))?;
-        let got = shifted_tap_sum(&taps)?;
+        let got = tap_sum3x3(&taps)?;
         assert!((got - &want)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
         Ok(())
     }

@@ -1,0 +1,628 @@
+//! Fused data-movement kernels of the scorer, as candle custom ops with one CPU implementation
+//! (rayon) and one CUDA implementation (CUDA C compiled at first use with NVRTC). Each replaces
+//! a chain of small candle ops (pads, narrows, strided adds, broadcast adds) whose launches and
+//! stride uploads dominated GPU time in `glowwatch bench --profile`:
+//! - [`im2col3x3_ones`]: (N, H, W, C) strided view -> (N*H*W, 9*C + 1) zero-padded 3x3 patches
+//!   plus a ones column;
+//! - [`tap_sum3x3`]: (N, H, W, 9, C) per-tap partial convolutions -> (N, H, W, C);
+//! - [`small_linear`]: x @ w + b for the narrow 1x1 channel mixes (C <= a few dozen).
+//!
+//! The unit tests hold every op to the plain candle formulation on the CPU; `glowwatch doctor`
+//! holds the CUDA kernels to the CPU on a GPU machine.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Strides (in elements) and offset of a rank-4 layout.
+fn strides4(l: &Layout) -> Result<([usize; 4], usize)> {
+    let s = l.stride();
+    if s.len() != 4 {
+        bail!("expected a rank-4 layout, got strides {s:?}");
+    }
+    Ok(([s[0], s[1], s[2], s[3]], l.start_offset()))
+}
+
+trait Elem: Copy + Send + Sync + 'static {
+    fn f(self) -> f32;
+    fn from_f(v: f32) -> Self;
+}
+impl Elem for f32 {
+    fn f(self) -> f32 {
+        self
+    }
+    fn from_f(v: f32) -> Self {
+        v
+    }
+}
+impl Elem for bf16 {
+    fn f(self) -> f32 {
+        self.to_f32()
+    }
+    fn from_f(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// f64 runs (tests) accumulate in f64; the others in f32.
+macro_rules! dispatch_cpu {
+    ($storage:expr, $body:ident, $($arg:expr),*) => {
+        match $storage {
+            CpuStorage::F32(v) => CpuStorage::F32($body::<f32, f32>(v, $($arg),*)),
+            CpuStorage::BF16(v) => CpuStorage::BF16($body::<bf16, f32>(v, $($arg),*)),
+            CpuStorage::F64(v) => CpuStorage::F64($body::<f64, f64>(v, $($arg),*)),
+            s => bail!("unsupported dtype {:?}", s.dtype()),
+        }
+    };
+}
+
+trait Acc<E>: Copy + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> {
+    fn load(e: E) -> Self;
+    fn store(self) -> E;
+    fn zero() -> Self;
+    fn one() -> Self;
+}
+impl<E: Elem> Acc<E> for f32 {
+    fn load(e: E) -> Self {
+        e.f()
+    }
+    fn store(self) -> E {
+        E::from_f(self)
+    }
+    fn zero() -> Self {
+        0.0
+    }
+    fn one() -> Self {
+        1.0
+    }
+}
+impl Acc<f64> for f64 {
+    fn load(e: f64) -> Self {
+        e
+    }
+    fn store(self) -> f64 {
+        self
+    }
+    fn zero() -> Self {
+        0.0
+    }
+    fn one() -> Self {
+        1.0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// im2col
+
+struct Im2Col;
+
+fn im2col_cpu<E: Copy + Send + Sync, A: Acc<E>>(
+    src: &[E],
+    dims: [usize; 4],
+    st: [usize; 4],
+    off: usize,
+) -> Vec<E> {
+    let [n, h, w, c] = dims;
+    let k = 9 * c + 1;
+    let mut out = vec![A::zero().store(); n * h * w * k];
+    out.par_chunks_mut(k).enumerate().for_each(|(row, o)| {
+        let (b, y, x) = (row / (h * w), (row / w) % h, row % w);
+        for t in 0..9 {
+            let (yy, xx) = (
+                y as isize + t as isize / 3 - 1,
+                x as isize + t as isize % 3 - 1,
+            );
+            if yy < 0 || xx < 0 || yy >= h as isize || xx >= w as isize {
+                continue; // stays zero: padding
+            }
+            let base = off + b * st[0] + yy as usize * st[1] + xx as usize * st[2];
+            for ci in 0..c {
+                o[t * c + ci] = src[base + ci * st[3]];
+            }
+        }
+        o[9 * c] = A::one().store();
+    });
+    out
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "glowwatch-im2col3x3-ones"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, h, w, c) = l.shape().dims4()?;
+        let (st, off) = strides4(l)?;
+        let out = dispatch_cpu!(s, im2col_cpu, [n, h, w, c], st, off);
+        Ok((out, Shape::from((n * h * w, 9 * c + 1))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, h, w, c) = l.shape().dims4()?;
+        let (st, off) = strides4(l)?;
+        let total = n * h * w * (9 * c + 1);
+        let u = |v: usize| v as u32;
+        let args = [
+            u(total),
+            u(h),
+            u(w),
+            u(c),
+            u(st[0]),
+            u(st[1]),
+            u(st[2]),
+            u(st[3]),
+            u(off),
+        ];
+        let out = cuda::launch1(s, "im2col", total, &args)?;
+        Ok((out, Shape::from((n * h * w, 9 * c + 1))))
+    }
+}
+
+/// (N, H, W, C) tensor (any strides, e.g. a channel narrow) -> (N*H*W, 9*C + 1): zero-padded
+/// 3x3 patches, columns ordered (tap = 3*dy + dx, channel), then a column of ones.
+pub fn im2col3x3_ones(x: &Tensor) -> Result<Tensor> {
+    x.apply_op1_no_bwd(&Im2Col)
+}
+
+// ---------------------------------------------------------------------------------------------
+// tap sum
+
+struct TapSum;
+
+fn tap_sum_cpu<E: Copy + Send + Sync, A: Acc<E>>(
+    src: &[E],
+    dims: [usize; 4],
+    off: usize,
+) -> Vec<E> {
+    let [n, h, w, c] = dims;
+    let src = &src[off..];
+    let mut out = vec![A::zero().store(); n * h * w * c];
+    out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
+        let (b, y, x) = (row / (h * w), (row / w) % h, row % w);
+        for (j, oj) in o.iter_mut().enumerate() {
+            let mut acc = A::zero();
+            for t in 0..9 {
+                let (yy, xx) = (
+                    y as isize + t as isize / 3 - 1,
+                    x as isize + t as isize % 3 - 1,
+                );
+                if yy < 0 || xx < 0 || yy >= h as isize || xx >= w as isize {
+                    continue;
+                }
+                let p = (b * h + yy as usize) * w + xx as usize;
+                acc = acc + A::load(src[(p * 9 + t) * c + j]);
+            }
+            *oj = acc.store();
+        }
+    });
+    out
+}
+
+impl CustomOp1 for TapSum {
+    fn name(&self) -> &'static str {
+        "glowwatch-tap-sum3x3"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, h, w, nine, c) = l.shape().dims5()?;
+        if nine != 9 || !l.is_contiguous() {
+            bail!(
+                "tap sum needs a contiguous (N, H, W, 9, C) tensor, got {:?}",
+                l.shape()
+            );
+        }
+        let out = dispatch_cpu!(s, tap_sum_cpu, [n, h, w, c], l.start_offset());
+        Ok((out, Shape::from((n, h, w, c))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, h, w, nine, c) = l.shape().dims5()?;
+        if nine != 9 || !l.is_contiguous() {
+            bail!(
+                "tap sum needs a contiguous (N, H, W, 9, C) tensor, got {:?}",
+                l.shape()
+            );
+        }
+        let total = n * h * w * c;
+        let u = |v: usize| v as u32;
+        let args = [u(total), u(h), u(w), u(c), u(l.start_offset())];
+        let out = cuda::launch1(s, "tap_sum", total, &args)?;
+        Ok((out, Shape::from((n, h, w, c))))
+    }
+}
+
+/// Completes a 3x3 convolution computed per input pixel and tap: taps (N, H, W, 9, C)
+/// contiguous -> out[y, x] = sum over taps (dy, dx) of taps[y + dy - 1, x + dx - 1, tap],
+/// zero outside the image.
+pub fn tap_sum3x3(taps: &Tensor) -> Result<Tensor> {
+    taps.contiguous()?.apply_op1_no_bwd(&TapSum)
+}
+
+// ---------------------------------------------------------------------------------------------
+// small linear
+
+struct SmallLinear;
+
+fn small_linear_cpu<E: Copy + Send + Sync, A: Acc<E>>(
+    x: &[E],
+    w: &[E],
+    b: &[E],
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Vec<E> {
+    let mut out = vec![A::zero().store(); rows * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
+        let xr = &x[r * k..(r + 1) * k];
+        for (j, oj) in o.iter_mut().enumerate() {
+            let mut acc = A::load(b[j]);
+            for (kk, &xv) in xr.iter().enumerate() {
+                acc = acc + A::load(xv) * A::load(w[kk * n + j]);
+            }
+            *oj = acc.store();
+        }
+    });
+    out
+}
+
+impl CustomOp3 for SmallLinear {
+    fn name(&self) -> &'static str {
+        "glowwatch-small-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, k, n) = linear_dims(l1, l2, l3)?;
+        let (o1, o2, o3) = (l1.start_offset(), l2.start_offset(), l3.start_offset());
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(
+                small_linear_cpu::<f32, f32>(&x[o1..], &w[o2..], &b[o3..], rows, k, n),
+            ),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => CpuStorage::BF16(
+                small_linear_cpu::<bf16, f32>(&x[o1..], &w[o2..], &b[o3..], rows, k, n),
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(
+                small_linear_cpu::<f64, f64>(&x[o1..], &w[o2..], &b[o3..], rows, k, n),
+            ),
+            _ => bail!("small linear: unsupported or mixed dtypes {:?}", s1.dtype()),
+        };
+        Ok((out, Shape::from((rows, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, k, n) = linear_dims(l1, l2, l3)?;
+        let u = |v: usize| v as u32;
+        let args = [
+            u(rows * n),
+            u(k),
+            u(n),
+            u(l1.start_offset()),
+            u(l2.start_offset()),
+            u(l3.start_offset()),
+        ];
+        let out = cuda::launch3(s1, s2, s3, "small_linear", rows * n, &args)?;
+        Ok((out, Shape::from((rows, n))))
+    }
+}
+
+fn linear_dims(l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usize, usize, usize)> {
+    let (rows, k) = l1.shape().dims2()?;
+    let (k2, n) = l2.shape().dims2()?;
+    let n3 = l3.shape().dims1()?;
+    if k != k2 || n != n3 || !l1.is_contiguous() || !l2.is_contiguous() || !l3.is_contiguous() {
+        bail!(
+            "small linear needs contiguous x (rows, k), w (k, n), b (n); got {:?}, {:?}, {:?}",
+            l1.shape(),
+            l2.shape(),
+            l3.shape()
+        );
+    }
+    Ok((rows, k, n))
+}
+
+/// x @ w + b, x: (rows, k), w: (k, n), b: (n), for small k and n (one thread per output on
+/// CUDA; no cuBLAS call and no broadcast pass).
+pub fn small_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(w, b, &SmallLinear)
+}
+
+/// The compute dtype every op here supports.
+pub fn supported(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::sync::OnceLock;
+
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::cudarc::nvrtc::compile_ptx;
+    use candle_core::{CudaStorage, DType, Result, bail};
+    use half::bf16;
+
+    const MODULE: &str = "glowwatch_kernels";
+
+    /// Kernels for float (f32), double (f64) and bf16 (as raw 16-bit words, so no CUDA headers
+    /// are needed at run time). Accumulation is in float (double for f64).
+    const SOURCE: &str = r#"
+__device__ __forceinline__ float ld(const float* p, unsigned i) { return p[i]; }
+__device__ __forceinline__ double ld(const double* p, unsigned i) { return p[i]; }
+__device__ __forceinline__ float ld(const unsigned short* p, unsigned i) {
+    return __uint_as_float(((unsigned)p[i]) << 16);
+}
+__device__ __forceinline__ void st(float* p, unsigned i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(double* p, unsigned i, double v) { p[i] = v; }
+__device__ __forceinline__ void st(unsigned short* p, unsigned i, float v) {
+    unsigned u = __float_as_uint(v);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) { p[i] = (unsigned short)((u >> 16) | 0x40u); return; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    p[i] = (unsigned short)(u >> 16);
+}
+
+#define KERNELS(SUF, T, A) \
+extern "C" __global__ void im2col_##SUF(const T* src, T* out, unsigned total, unsigned h, unsigned w, \
+        unsigned c, unsigned s0, unsigned s1, unsigned s2, unsigned s3, unsigned off) { \
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x; if (i >= total) return; \
+    unsigned k = 9 * c + 1, row = i / k, col = i % k; \
+    if (col == 9 * c) { st(out, i, (A)1); return; } \
+    unsigned t = col / c, ci = col % c, b = row / (h * w), y = (row / w) % h, x = row % w; \
+    int yy = (int)y + (int)(t / 3) - 1, xx = (int)x + (int)(t % 3) - 1; \
+    A v = 0; \
+    if (yy >= 0 && xx >= 0 && yy < (int)h && xx < (int)w) \
+        v = ld(src, off + b * s0 + (unsigned)yy * s1 + (unsigned)xx * s2 + ci * s3); \
+    st(out, i, v); \
+} \
+extern "C" __global__ void tap_sum_##SUF(const T* src, T* out, unsigned total, unsigned h, unsigned w, \
+        unsigned c, unsigned off) { \
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x; if (i >= total) return; \
+    unsigned row = i / c, j = i % c, b = row / (h * w), y = (row / w) % h, x = row % w; \
+    A acc = 0; \
+    for (unsigned t = 0; t < 9; ++t) { \
+        int yy = (int)y + (int)(t / 3) - 1, xx = (int)x + (int)(t % 3) - 1; \
+        if (yy < 0 || xx < 0 || yy >= (int)h || xx >= (int)w) continue; \
+        unsigned p = (b * h + (unsigned)yy) * w + (unsigned)xx; \
+        acc += ld(src, off + (p * 9 + t) * c + j); \
+    } \
+    st(out, i, acc); \
+} \
+extern "C" __global__ void small_linear_##SUF(const T* x, const T* wt, const T* bias, T* out, \
+        unsigned total, unsigned k, unsigned n, unsigned ox, unsigned ow, unsigned ob) { \
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x; if (i >= total) return; \
+    unsigned r = i / n, j = i % n; \
+    A acc = ld(bias, ob + j); \
+    for (unsigned kk = 0; kk < k; ++kk) acc += ld(x, ox + r * k + kk) * ld(wt, ow + kk * n + j); \
+    st(out, i, acc); \
+}
+
+KERNELS(f32, float, float)
+KERNELS(f64, double, double)
+KERNELS(bf16, unsigned short, float)
+"#;
+
+    fn ptx() -> Result<&'static str> {
+        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+        match PTX.get_or_init(|| {
+            compile_ptx(SOURCE)
+                .map(|p| p.to_src())
+                .map_err(|e| e.to_string())
+        }) {
+            Ok(s) => Ok(s.as_str()),
+            Err(e) => bail!("NVRTC could not compile glowwatch kernels: {e}"),
+        }
+    }
+
+    fn suffix(dtype: DType) -> Result<&'static str> {
+        Ok(match dtype {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+            DType::BF16 => "bf16",
+            d => bail!("glowwatch kernels: unsupported dtype {d:?}"),
+        })
+    }
+
+    fn cfg(total: usize) -> LaunchConfig {
+        LaunchConfig::for_num_elems(total as u32)
+    }
+
+    fn run1<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        s: &CudaStorage,
+        name: &str,
+        total: usize,
+        args: &[u32],
+    ) -> Result<CudaStorage> {
+        let dev = &s.device;
+        let func =
+            dev.get_or_load_custom_func(&format!("{name}_{}", suffix(s.dtype())?), MODULE, ptx()?)?;
+        let src: &CudaSlice<T> = s.as_cuda_slice::<T>()?;
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let mut b = func.builder();
+        b.arg(src);
+        b.arg(&out);
+        for a in args {
+            b.arg(a);
+        }
+        unsafe { b.launch(cfg(total)) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+
+    pub fn launch1(s: &CudaStorage, name: &str, total: usize, args: &[u32]) -> Result<CudaStorage> {
+        match s.dtype() {
+            DType::F32 => run1::<f32>(s, name, total, args),
+            DType::F64 => run1::<f64>(s, name, total, args),
+            DType::BF16 => run1::<bf16>(s, name, total, args),
+            d => bail!("glowwatch kernels: unsupported dtype {d:?}"),
+        }
+    }
+
+    fn run3<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        s1: &CudaStorage,
+        s2: &CudaStorage,
+        s3: &CudaStorage,
+        name: &str,
+        total: usize,
+        args: &[u32],
+    ) -> Result<CudaStorage> {
+        let dev = &s1.device;
+        let func = dev.get_or_load_custom_func(
+            &format!("{name}_{}", suffix(s1.dtype())?),
+            MODULE,
+            ptx()?,
+        )?;
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let mut b = func.builder();
+        b.arg(s1.as_cuda_slice::<T>()?);
+        b.arg(s2.as_cuda_slice::<T>()?);
+        b.arg(s3.as_cuda_slice::<T>()?);
+        b.arg(&out);
+        for a in args {
+            b.arg(a);
+        }
+        unsafe { b.launch(cfg(total)) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+
+    pub fn launch3(
+        s1: &CudaStorage,
+        s2: &CudaStorage,
+        s3: &CudaStorage,
+        name: &str,
+        total: usize,
+        args: &[u32],
+    ) -> Result<CudaStorage> {
+        if s1.dtype() != s2.dtype() || s1.dtype() != s3.dtype() {
+            bail!("glowwatch kernels: mixed dtypes");
+        }
+        match s1.dtype() {
+            DType::F32 => run3::<f32>(s1, s2, s3, name, total, args),
+            DType::F64 => run3::<f64>(s1, s2, s3, name, total, args),
+            DType::BF16 => run3::<bf16>(s1, s2, s3, name, total, args),
+            d => bail!("glowwatch kernels: unsupported dtype {d:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Plain candle formulation of the patches (pads, narrows, cat).
+    fn im2col_reference(x: &Tensor) -> Tensor {
+        let (n, h, w, c) = x.dims4().unwrap();
+        let p = x
+            .pad_with_zeros(1, 1, 1)
+            .unwrap()
+            .pad_with_zeros(2, 1, 1)
+            .unwrap();
+        let mut taps: Vec<Tensor> = (0..9)
+            .map(|t| p.narrow(1, t / 3, h).unwrap().narrow(2, t % 3, w).unwrap())
+            .collect();
+        taps.push(Tensor::ones((n, h, w, 1), x.dtype(), x.device()).unwrap());
+        Tensor::cat(&taps, 3)
+            .unwrap()
+            .reshape((n * h * w, 9 * c + 1))
+            .unwrap()
+    }
+
+    fn tap_sum_reference(taps: &Tensor) -> Tensor {
+        let (_, h, w, _, _) = taps.dims5().unwrap();
+        let p = taps
+            .pad_with_zeros(1, 1, 1)
+            .unwrap()
+            .pad_with_zeros(2, 1, 1)
+            .unwrap();
+        (0..9)
+            .map(|t| {
+                p.narrow(1, t / 3, h)
+                    .unwrap()
+                    .narrow(2, t % 3, w)
+                    .unwrap()
+                    .narrow(3, t, 1)
+                    .unwrap()
+            })
+            .reduce(|a, b| (a + b).unwrap())
+            .unwrap()
+            .squeeze(3)
+            .unwrap()
+    }
+
+    #[test]
+    fn im2col_matches_the_candle_formulation_on_strided_views() {
+        let full = Tensor::randn(0f64, 1., (2, 5, 4, 6), &Device::Cpu).unwrap();
+        for (start, len) in [(0, 3), (3, 3), (0, 6)] {
+            let x = full.narrow(3, start, len).unwrap();
+            let got = im2col3x3_ones(&x).unwrap();
+            assert_eq!(got.dims(), &[40, 9 * len + 1]);
+            assert_eq!(max_diff(&got, &im2col_reference(&x)), 0.0);
+            let got32 = im2col3x3_ones(&x.to_dtype(DType::F32).unwrap()).unwrap();
+            assert!(max_diff(&got32, &got) < 1e-6);
+            let got16 = im2col3x3_ones(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+            assert!(max_diff(&got16, &got) < 2e-2);
+        }
+    }
+
+    #[test]
+    fn tap_sum_matches_the_candle_formulation() {
+        let taps = Tensor::randn(0f64, 1., (2, 5, 4, 9, 3), &Device::Cpu).unwrap();
+        let got = tap_sum3x3(&taps).unwrap();
+        assert_eq!(got.dims(), &[2, 5, 4, 3]);
+        assert!(max_diff(&got, &tap_sum_reference(&taps)) < 1e-12);
+        let got32 = tap_sum3x3(&taps.to_dtype(DType::F32).unwrap()).unwrap();
+        assert!(max_diff(&got32, &got) < 1e-5);
+    }
+
+    #[test]
+    fn small_linear_matches_matmul_plus_bias() {
+        let x = Tensor::randn(0f64, 1., (37, 12), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f64, 1., (12, 7), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f64, 1., 7, &Device::Cpu).unwrap();
+        let want = x.matmul(&w).unwrap().broadcast_add(&b).unwrap();
+        assert!(max_diff(&small_linear(&x, &w, &b).unwrap(), &want) < 1e-12);
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        assert!(max_diff(&small_linear(&f(&x), &f(&w), &f(&b)).unwrap(), &want) < 1e-4);
+        assert!(small_linear(&x, &w.t().unwrap(), &b).is_err());
+    }
+}
