@@ -10,7 +10,7 @@ QUIET=0 run doctor --device cuda:0 --config small --batch 32 2>&1 | tee "$OUT/do
 run doctor --device cuda:0 --config paper --batch 16 2>&1 | tee -a "$OUT/doctor.log"
 # Reference figures (../shared/docs/performance.md, batch 1024): paper RGB best 5,418 img/s (TF32),
 # paper grey best 5,292 (TF32). H200 bf16 dense peak ~790 TFLOP/s.
-run bench --device cuda:0 --config paper --batch 256,1024 --precision f32,tf32,bf16 --runs 5 \
+run bench --device cuda:0 --config paper --batch 256,1024 --precision f32,tf32,bf16 --runs 5 --profile \
     --peak-tflops 790 --reference-ips 5418 --json "$OUT/bench-paper3.json" 2>&1 | tee "$OUT/bench.log"
 run bench --device cuda:0 --config paper1 --batch 256,1024 --precision f32,tf32,bf16 --runs 5 \
     --peak-tflops 790 --reference-ips 5292 --json "$OUT/bench-paper1.json" 2>&1 | tee -a "$OUT/bench.log"

@@ -11,7 +11,9 @@
 //! holds the CUDA kernels to the CPU on a GPU machine.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail,
+};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -353,6 +355,216 @@ pub fn small_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3_no_bwd(w, b, &SmallLinear)
 }
 
+// ---------------------------------------------------------------------------------------------
+// coupling: y = [x_a, (x_b + shift) * sigmoid(raw + 2)] and per-pixel sum of log sigmoid(raw + 2)
+
+/// log(sigmoid(v)) = min(v, 0) - log1p(exp(-|v|)).
+fn log_sigmoid_f64(v: f64) -> f64 {
+    v.min(0.0) - (-v.abs()).exp().ln_1p()
+}
+
+trait Real: Copy + Send + Sync + 'static {
+    fn get(self) -> f64;
+    fn put(v: f64) -> Self;
+}
+impl Real for f32 {
+    fn get(self) -> f64 {
+        self as f64
+    }
+    fn put(v: f64) -> Self {
+        v as f32
+    }
+}
+impl Real for f64 {
+    fn get(self) -> f64 {
+        self
+    }
+    fn put(v: f64) -> Self {
+        v
+    }
+}
+impl Real for bf16 {
+    fn get(self) -> f64 {
+        self.to_f64()
+    }
+    fn put(v: f64) -> Self {
+        bf16::from_f64(v)
+    }
+}
+
+struct CouplingApply;
+
+fn coupling_apply_cpu<E: Real>(h: &[E], out: &[E], c: usize) -> Vec<E> {
+    let half = c / 2;
+    let mut y = vec![E::put(0.0); h.len()];
+    y.par_chunks_mut(c).enumerate().for_each(|(p, yr)| {
+        let (hr, or) = (&h[p * c..(p + 1) * c], &out[p * c..(p + 1) * c]);
+        yr[..half].copy_from_slice(&hr[..half]);
+        for j in 0..c - half {
+            let s = log_sigmoid_f64(or[half + j].get() + 2.0).exp();
+            yr[half + j] = E::put((hr[half + j].get() + or[j].get()) * s);
+        }
+    });
+    y
+}
+
+fn check_coupling(l1: &Layout, l2: &Layout) -> Result<()> {
+    if l1.shape() != l2.shape()
+        || !l1.is_contiguous()
+        || !l2.is_contiguous()
+        || l1.dims().len() != 4
+    {
+        bail!(
+            "coupling kernel needs contiguous (N, H, W, C) h and net output of one shape, got {:?} and {:?}",
+            l1.shape(),
+            l2.shape()
+        );
+    }
+    Ok(())
+}
+
+impl CustomOp2 for CouplingApply {
+    fn name(&self) -> &'static str {
+        "glowwatch-coupling-apply"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check_coupling(l1, l2)?;
+        let c = l1.dims()[3];
+        let (o1, o2, n) = (
+            l1.start_offset(),
+            l2.start_offset(),
+            l1.shape().elem_count(),
+        );
+        let y = match (s1, s2) {
+            (CpuStorage::F32(h), CpuStorage::F32(o)) => {
+                CpuStorage::F32(coupling_apply_cpu(&h[o1..o1 + n], &o[o2..o2 + n], c))
+            }
+            (CpuStorage::BF16(h), CpuStorage::BF16(o)) => {
+                CpuStorage::BF16(coupling_apply_cpu(&h[o1..o1 + n], &o[o2..o2 + n], c))
+            }
+            (CpuStorage::F64(h), CpuStorage::F64(o)) => {
+                CpuStorage::F64(coupling_apply_cpu(&h[o1..o1 + n], &o[o2..o2 + n], c))
+            }
+            _ => bail!(
+                "coupling kernel: unsupported or mixed dtypes {:?}",
+                s1.dtype()
+            ),
+        };
+        Ok((y, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        check_coupling(l1, l2)?;
+        let total = l1.shape().elem_count();
+        let u = |v: usize| v as u32;
+        let args = [
+            u(total),
+            u(l1.dims()[3]),
+            u(l1.start_offset()),
+            u(l2.start_offset()),
+        ];
+        let y = cuda::launch2(s1, s2, "coupling_apply", total, &args)?;
+        Ok((y, l1.shape().clone()))
+    }
+}
+
+struct CouplingLogdet;
+
+fn coupling_logdet_cpu<E: Real>(out: &[E], c: usize) -> Vec<E> {
+    let half = c / 2;
+    out.par_chunks(c)
+        .map(|r| {
+            E::put(
+                r[half..]
+                    .iter()
+                    .map(|v| log_sigmoid_f64(v.get() + 2.0))
+                    .sum(),
+            )
+        })
+        .collect()
+}
+
+impl CustomOp1 for CouplingLogdet {
+    fn name(&self) -> &'static str {
+        "glowwatch-coupling-logdet"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        check_coupling(l, l)?;
+        let (n, h, w, c) = l.shape().dims4()?;
+        let (o, len) = (l.start_offset(), l.shape().elem_count());
+        let v = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(coupling_logdet_cpu(&v[o..o + len], c)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(coupling_logdet_cpu(&v[o..o + len], c)),
+            CpuStorage::F64(v) => CpuStorage::F64(coupling_logdet_cpu(&v[o..o + len], c)),
+            s => bail!("coupling kernel: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((v, Shape::from((n, h, w))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        check_coupling(l, l)?;
+        let (n, h, w, c) = l.shape().dims4()?;
+        let total = n * h * w;
+        let u = |v: usize| v as u32;
+        let out = cuda::launch1(
+            s,
+            "coupling_logdet",
+            total,
+            &[u(total), u(c), u(l.start_offset())],
+        )?;
+        Ok((out, Shape::from((n, h, w))))
+    }
+}
+
+/// The affine coupling on channels-last tensors in one pass: h (N, H, W, C) is the step input
+/// after its 1x1 conv, `net` (N, H, W, C) the coupling network's output with channels ordered
+/// [shift..., raw...]. Returns y = [x_a, (x_b + shift) * sigmoid(raw + 2)] (N, H, W, C) and the
+/// log-determinant per pixel, sum_c log sigmoid(raw + 2), as (N, H, W) (f32, or f64 for f64).
+pub fn coupling_affine(h: &Tensor, net: &Tensor) -> Result<(Tensor, Tensor)> {
+    let net = net.contiguous()?;
+    let y = h.contiguous()?.apply_op2_no_bwd(&net, &CouplingApply)?;
+    let acc = if net.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let logdet = net.to_dtype(acc)?.apply_op1_no_bwd(&CouplingLogdet)?;
+    Ok((y, logdet))
+}
+
+/// relu(x @ w) for x: (rows, k), w: (k, n). On CUDA in bf16 (or f32 with TF32 switched on) this
+/// is one cuBLASLt call with a ReLU epilogue, so the wide hidden activations are written once;
+/// elsewhere it is candle's matmul followed by relu.
+pub fn matmul_relu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && cuda::lt_supported(x.dtype()) {
+        return x
+            .contiguous()?
+            .apply_op2_no_bwd(&w.contiguous()?, &cuda::MatmulRelu);
+    }
+    x.matmul(w)?.relu()
+}
+
 /// The compute dtype every op here supports.
 pub fn supported(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::BF16 | DType::F64)
@@ -365,6 +577,7 @@ pub fn supported(dtype: DType) -> bool {
 mod cuda {
     use std::sync::OnceLock;
 
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
     };
@@ -426,9 +639,33 @@ extern "C" __global__ void small_linear_##SUF(const T* x, const T* wt, const T* 
     st(out, i, acc); \
 }
 
+#define COUPLING(SUF, T, A, LOG1P, EXP, FABS) \
+extern "C" __global__ void coupling_apply_##SUF(const T* hin, const T* net, T* y, unsigned total, \
+        unsigned c, unsigned oh, unsigned on) { \
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x; if (i >= total) return; \
+    unsigned half = c / 2, j = i % c, p = i - j; \
+    if (j < half) { st(y, i, ld(hin, oh + i)); return; } \
+    A raw = ld(net, on + i) + (A)2; \
+    A ls = (raw < (A)0 ? raw : (A)0) - LOG1P(EXP(-FABS(raw))); \
+    st(y, i, (ld(hin, oh + i) + ld(net, on + p + (j - half))) * EXP(ls)); \
+} \
+extern "C" __global__ void coupling_logdet_##SUF(const T* net, T* out, unsigned total, unsigned c, \
+        unsigned on) { \
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x; if (i >= total) return; \
+    A acc = 0; \
+    for (unsigned j = c / 2; j < c; ++j) { \
+        A raw = ld(net, on + i * c + j) + (A)2; \
+        acc += (raw < (A)0 ? raw : (A)0) - LOG1P(EXP(-FABS(raw))); \
+    } \
+    st(out, i, acc); \
+}
+
 KERNELS(f32, float, float)
 KERNELS(f64, double, double)
 KERNELS(bf16, unsigned short, float)
+COUPLING(f32, float, float, log1pf, expf, fabsf)
+COUPLING(f64, double, double, log1p, exp, fabs)
+COUPLING(bf16, unsigned short, float, log1pf, expf, fabsf)
 "#;
 
     fn ptx() -> Result<&'static str> {
@@ -511,6 +748,159 @@ KERNELS(bf16, unsigned short, float)
         }
         unsafe { b.launch(cfg(total)) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+
+    fn run2<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        s1: &CudaStorage,
+        s2: &CudaStorage,
+        name: &str,
+        total: usize,
+        args: &[u32],
+    ) -> Result<CudaStorage> {
+        let dev = &s1.device;
+        let func = dev.get_or_load_custom_func(
+            &format!("{name}_{}", suffix(s1.dtype())?),
+            MODULE,
+            ptx()?,
+        )?;
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let mut b = func.builder();
+        b.arg(s1.as_cuda_slice::<T>()?);
+        b.arg(s2.as_cuda_slice::<T>()?);
+        b.arg(&out);
+        for a in args {
+            b.arg(a);
+        }
+        unsafe { b.launch(cfg(total)) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+
+    pub fn launch2(
+        s1: &CudaStorage,
+        s2: &CudaStorage,
+        name: &str,
+        total: usize,
+        args: &[u32],
+    ) -> Result<CudaStorage> {
+        if s1.dtype() != s2.dtype() {
+            bail!("glowwatch kernels: mixed dtypes");
+        }
+        match s1.dtype() {
+            DType::F32 => run2::<f32>(s1, s2, name, total, args),
+            DType::F64 => run2::<f64>(s1, s2, name, total, args),
+            DType::BF16 => run2::<bf16>(s1, s2, name, total, args),
+            d => bail!("glowwatch kernels: unsupported dtype {d:?}"),
+        }
+    }
+
+    /// cuBLASLt's f32 path computes in TF32, so it is used for f32 only when TF32 is on.
+    pub fn lt_supported(dtype: DType) -> bool {
+        match dtype {
+            DType::BF16 => true,
+            DType::F32 => candle_core::cuda_backend::gemm_reduced_precision_f32(),
+            _ => false,
+        }
+    }
+
+    fn blas_lt(dev: &candle_core::CudaDevice) -> Result<std::sync::Arc<CudaBlasLT>> {
+        static LT: std::sync::Mutex<Option<(candle_core::DeviceId, std::sync::Arc<CudaBlasLT>)>> =
+            std::sync::Mutex::new(None);
+        let mut g = LT.lock().expect("cublasLt handle lock");
+        if let Some((id, lt)) = g.as_ref() {
+            if *id == dev.id() {
+                return Ok(lt.clone());
+            }
+        }
+        let lt = std::sync::Arc::new(
+            CudaBlasLT::new(dev.cuda_stream())
+                .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?,
+        );
+        *g = Some((dev.id(), lt.clone()));
+        Ok(lt)
+    }
+
+    /// relu(x @ w) through one cuBLASLt matmul with a ReLU epilogue (row-major operands).
+    pub struct MatmulRelu;
+
+    fn lt_matmul_relu<T>(
+        s1: &CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &CudaStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(CudaStorage, candle_core::Shape)>
+    where
+        T: DeviceRepr + candle_core::cuda_backend::CudaDType,
+        CudaBlasLT: Matmul<T>,
+    {
+        let (rows, k) = l1.shape().dims2()?;
+        let (k2, n) = l2.shape().dims2()?;
+        if k != k2 || !l1.is_contiguous() || !l2.is_contiguous() {
+            bail!(
+                "matmul_relu: bad operands {:?} @ {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let dev = &s1.device;
+        let lt = blas_lt(dev)?;
+        let x = s1.as_cuda_slice::<T>()?.slice(l1.start_offset()..);
+        let w = s2.as_cuda_slice::<T>()?.slice(l2.start_offset()..);
+        let mut out = unsafe { dev.alloc::<T>(rows * n)? };
+        // Row-major out (rows, n) is column-major out^T (n, rows) = w^T (n, k) x^T (k, rows).
+        let cfg = MatmulConfig {
+            transa: false,
+            transb: false,
+            transc: false,
+            m: n as u64,
+            n: rows as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: n as i64,
+            ldb: k as i64,
+            beta: 0.0,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        unsafe { lt.matmul(cfg, &w, &x, &mut out, None, Some(&Activation::Relu)) }
+            .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            candle_core::Shape::from((rows, n)),
+        ))
+    }
+
+    impl candle_core::CustomOp2 for MatmulRelu {
+        fn name(&self) -> &'static str {
+            "glowwatch-matmul-relu"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            bail!("matmul_relu: the cuBLASLt op runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &candle_core::Layout,
+            s2: &CudaStorage,
+            l2: &candle_core::Layout,
+        ) -> Result<(CudaStorage, candle_core::Shape)> {
+            match s1.dtype() {
+                DType::F32 => lt_matmul_relu::<f32>(s1, l1, s2, l2),
+                DType::BF16 => lt_matmul_relu::<bf16>(s1, l1, s2, l2),
+                d => bail!("matmul_relu: unsupported dtype {d:?}"),
+            }
+        }
     }
 
     pub fn launch3(
@@ -612,6 +1002,37 @@ mod tests {
         assert!(max_diff(&got, &tap_sum_reference(&taps)) < 1e-12);
         let got32 = tap_sum3x3(&taps.to_dtype(DType::F32).unwrap()).unwrap();
         assert!(max_diff(&got32, &got) < 1e-5);
+    }
+
+    #[test]
+    fn coupling_kernel_matches_the_reference_affine() {
+        use crate::glow::coupling::affine_forward;
+        let h = Tensor::randn(0f64, 1., (2, 3, 4, 6), &Device::Cpu).unwrap();
+        let net = (Tensor::randn(0f64, 1., (2, 3, 4, 6), &Device::Cpu).unwrap() * 3.0).unwrap();
+        let (y, ld) = coupling_affine(&h, &net).unwrap();
+        // Reference in NCHW with the network output in its original interleaved order.
+        let nchw = |t: &Tensor| t.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
+        let shift = net.narrow(3, 0, 3).unwrap();
+        let raw = net.narrow(3, 3, 3).unwrap();
+        let interleaved = Tensor::stack(&[&shift, &raw], 4)
+            .unwrap()
+            .reshape((2, 3, 4, 6))
+            .unwrap();
+        let (yb, ld_ref) =
+            affine_forward(&nchw(&h.narrow(3, 3, 3).unwrap()), &nchw(&interleaved)).unwrap();
+        assert_eq!(
+            max_diff(&y.narrow(3, 0, 3).unwrap(), &h.narrow(3, 0, 3).unwrap()),
+            0.0
+        );
+        let yb_nhwc = yb.permute((0, 2, 3, 1)).unwrap();
+        assert!(max_diff(&y.narrow(3, 3, 3).unwrap(), &yb_nhwc) < 1e-12);
+        let ld_sum = ld.flatten_from(1).unwrap().sum(1).unwrap();
+        assert!(max_diff(&ld_sum, &ld_ref) < 1e-10);
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let (y32, ld32) = coupling_affine(&f(&h), &f(&net)).unwrap();
+        assert!(max_diff(&y32, &y) < 1e-5);
+        assert!(max_diff(&ld32, &ld) < 1e-5);
+        assert_eq!(ld32.dtype(), DType::F32);
     }
 
     #[test]

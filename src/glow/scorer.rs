@@ -25,8 +25,8 @@ use super::config::{GlowConfig, ScaleShape};
 use super::exit::{EXIT_SCALE_EPS, standard_normal_log_density};
 use super::flow::Glow;
 use super::invconv::{to_matrix, to_vec};
-use super::kernels::{im2col3x3_ones, small_linear, tap_sum3x3};
-use super::{Result, bits_per_dim, log_sigmoid, per_sample_sum};
+use super::kernels::{coupling_affine, im2col3x3_ones, matmul_relu, small_linear, tap_sum3x3};
+use super::{Result, bits_per_dim, per_sample_sum};
 
 #[derive(Debug, Clone)]
 struct FusedStep {
@@ -335,32 +335,19 @@ impl GlowScorer {
             small_linear(&h.reshape((rows, c))?, &st.mix, &st.mix_bias)?.reshape((n, hh, ww, c))?;
         mark(timer, "1x1 mix")?;
         let xa = h.narrow(3, 0, half)?;
-        let xb = h.narrow(3, half, c - half)?;
         let cols = im2col3x3_ones(&xa)?;
         mark(timer, "im2col")?;
-        let t = cols.matmul(&st.conv1)?;
-        mark(timer, "conv1 matmul")?;
-        let t = t.relu()?;
-        mark(timer, "conv1 relu")?;
-        let t = t.matmul(&st.conv2)?;
-        mark(timer, "conv2 matmul")?;
-        let t = t.relu()?;
-        mark(timer, "conv2 relu")?;
+        let t = matmul_relu(&cols, &st.conv1)?;
+        mark(timer, "conv1 matmul+relu")?;
+        let t = matmul_relu(&t, &st.conv2)?;
+        mark(timer, "conv2 matmul+relu")?;
         let taps = t.matmul(&st.conv3)?.reshape((n, hh, ww, 9, c))?;
         mark(timer, "conv3 matmul")?;
         let out = tap_sum3x3(&taps)?;
         mark(timer, "conv3 tap sum")?;
-        // Half-precision runs keep the exp/log-sigmoid work in f32; sums are f64 regardless.
-        let shift = out.narrow(3, 0, half)?.to_dtype(self.elem)?;
-        let raw = out.narrow(3, half, c - half)?.to_dtype(self.elem)?;
-        let log_s = log_sigmoid(&(raw + 2.0)?)?;
-        let yb = (xb.to_dtype(self.elem)? + shift)?
-            .mul(&log_s.exp()?)?
-            .to_dtype(self.dtype)?;
-        let ld = per_sample_sum(&log_s)?;
+        let (y, ld) = coupling_affine(&h, &out)?;
+        let ld = per_sample_sum(&ld)?;
         mark(timer, "affine+logdet")?;
-        let y = Tensor::cat(&[&xa, &yb], 3)?;
-        mark(timer, "cat")?;
         Ok((y, ld))
     }
 
