@@ -578,6 +578,9 @@ mod cuda {
     use std::sync::OnceLock;
 
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::cublaslt::{
+        Activation, CudaBlasLT, Matmul, MatmulConfig,
+    };
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
     };
@@ -803,8 +806,12 @@ COUPLING(bf16, unsigned short, float, log1pf, expf, fabsf)
     }
 
     fn blas_lt(dev: &candle_core::CudaDevice) -> Result<std::sync::Arc<CudaBlasLT>> {
-        static LT: std::sync::Mutex<Option<(candle_core::DeviceId, std::sync::Arc<CudaBlasLT>)>> =
-            std::sync::Mutex::new(None);
+        static LT: std::sync::Mutex<
+            Option<(
+                candle_core::cuda_backend::DeviceId,
+                std::sync::Arc<CudaBlasLT>,
+            )>,
+        > = std::sync::Mutex::new(None);
         let mut g = LT.lock().expect("cublasLt handle lock");
         if let Some((id, lt)) = g.as_ref() {
             if *id == dev.id() {
