@@ -5,13 +5,11 @@
 use candle_core::{DType, Device, Tensor};
 use glowwatch::glow::config::GlowConfig;
 use glowwatch::glow::exit::standard_normal_log_density;
-use glowwatch::glow::init::ParamWriter;
 use glowwatch::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
 use glowwatch::glow::squeeze::squeeze;
 use glowwatch::glow::{GlowModel, bits_per_dim};
 use nalgebra::DMatrix;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use rand_distr::StandardNormal;
 
 fn tiny_config() -> GlowConfig {
     GlowConfig {
@@ -48,25 +46,7 @@ fn smooth_images(n: usize, cfg: &GlowConfig, seed: u64) -> Tensor {
 /// Moves every trainable parameter off its init value so no layer is an identity or a
 /// linear map by accident (the last coupling conv starts at zero).
 fn perturb(model: &GlowModel, seed: u64, scale: f64) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let writer = ParamWriter::new(&model.varmap);
-    let data = model.varmap.data().lock().unwrap();
-    let mut names: Vec<_> = data.keys().cloned().collect();
-    names.sort();
-    for name in names {
-        if name.ends_with(".perm") || name.ends_with(".sign") {
-            continue;
-        }
-        let t = data[&name].as_tensor();
-        let noise: Vec<f64> = (0..t.elem_count())
-            .map(|_| scale * rng.sample::<f64, _>(StandardNormal))
-            .collect();
-        let noise = Tensor::from_vec(noise, t.shape(), t.device())
-            .unwrap()
-            .to_dtype(t.dtype())
-            .unwrap();
-        writer.set(t, &(t + noise).unwrap()).unwrap();
-    }
+    model.perturb(seed, scale).unwrap();
 }
 
 fn to_vec64(t: &Tensor) -> Vec<f64> {

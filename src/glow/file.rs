@@ -101,6 +101,36 @@ impl GlowModel {
         self.glow.init_from_data(x, &ParamWriter::new(&self.varmap))
     }
 
+    /// Adds N(0, scale^2) noise to every trainable parameter (not the fixed permutation and
+    /// signs of the 1x1 convs). A fresh model's couplings are exact linear maps (their last conv
+    /// starts at zero), so checks that must exercise the coupling networks, such as
+    /// `glowwatch doctor` and the layer tests, perturb first.
+    pub fn perturb(&self, seed: u64, scale: f64) -> Result<()> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let writer = ParamWriter::new(&self.varmap);
+        let data = self.varmap.data().lock().expect("varmap lock");
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for name in names {
+            if super::invconv::FIXED_PARAMS
+                .iter()
+                .any(|f| name.ends_with(&format!(".{f}")))
+            {
+                continue;
+            }
+            let t = data[name].as_tensor();
+            let noise: Vec<f64> = (0..t.elem_count())
+                .map(|_| scale * rng.sample::<f64, _>(rand_distr::StandardNormal))
+                .collect();
+            let noise = Tensor::from_vec(noise, t.shape(), &Device::Cpu)?
+                .to_dtype(t.dtype())?
+                .to_device(t.device())?;
+            writer.set(t, &(t + noise)?)?;
+        }
+        Ok(())
+    }
+
     /// The fused inference form on `device` in `dtype`.
     pub fn scorer(&self, device: &Device, dtype: DType) -> Result<GlowScorer> {
         GlowScorer::new(&self.glow, device, dtype)
