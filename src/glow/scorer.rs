@@ -125,7 +125,9 @@ pub struct GlowScorer {
     scales: Vec<FusedScale>,
     device: Device,
     dtype: DType,
-    /// dtype of the elementwise likelihood work: f32, or f64 for f64 models.
+    /// dtype of the flow state and the likelihood work: f32, or f64 for f64 scorers. Only the
+    /// coupling networks run in `dtype`: rounding the state itself to bf16 at each of the K*L
+    /// steps compounds, while the networks' errors only perturb shift and scale.
     elem: DType,
 }
 
@@ -160,7 +162,7 @@ impl GlowScorer {
         let put_elem = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(elem)?.to_device(device)?) };
         let vec_t = |v: Vec<f64>| -> Result<Tensor> {
             let n = v.len();
-            put(Tensor::from_vec(v, n, &Device::Cpu)?)
+            put_elem(Tensor::from_vec(v, n, &Device::Cpu)?)
         };
         let mut scales = Vec::new();
         for scale in glow.scales() {
@@ -233,7 +235,7 @@ impl GlowScorer {
                 });
 
                 steps.push(FusedStep {
-                    mix: put(mat_tensor(&m.transpose())?)?,
+                    mix: put_elem(mat_tensor(&m.transpose())?)?,
                     mix_bias: vec_t(mix_bias.as_slice().to_vec())?,
                     conv1: put(mat_tensor(&conv1)?)?,
                     conv2: put(mat_tensor(&conv2)?)?,
@@ -276,7 +278,8 @@ impl GlowScorer {
         &self.device
     }
 
-    /// Compute dtype of the fused weights.
+    /// Compute dtype of the coupling networks' matrix multiplications (the flow's own state,
+    /// its 1x1 mixes, the affine coupling and every likelihood term stay in f32, or f64).
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -292,7 +295,7 @@ impl GlowScorer {
         let n = x.dim(0)?;
         let mut h = x
             .to_device(&self.device)?
-            .to_dtype(self.dtype)?
+            .to_dtype(self.elem)?
             .permute((0, 2, 3, 1))?
             .contiguous()?;
         let mut lps = Vec::with_capacity(self.scales.len());
@@ -311,7 +314,6 @@ impl GlowScorer {
                 h = h.narrow(3, sh.exit_channels, sh.channels - sh.exit_channels)?;
             }
             let y = z
-                .to_dtype(self.elem)?
                 .broadcast_add(&scale.exit_loc)?
                 .broadcast_mul(&scale.exit_scale)?;
             let lp = ((coupling + standard_normal_log_density(&y)?)? + scale.constant)?;
@@ -335,13 +337,16 @@ impl GlowScorer {
             small_linear(&h.reshape((rows, c))?, &st.mix, &st.mix_bias)?.reshape((n, hh, ww, c))?;
         mark(timer, "1x1 mix")?;
         let xa = h.narrow(3, 0, half)?;
-        let cols = im2col3x3_ones(&xa)?;
+        let cols = im2col3x3_ones(&xa)?.to_dtype(self.dtype)?;
         mark(timer, "im2col")?;
         let t = matmul_relu(&cols, &st.conv1)?;
         mark(timer, "conv1 matmul+relu")?;
         let t = matmul_relu(&t, &st.conv2)?;
         mark(timer, "conv2 matmul+relu")?;
-        let taps = t.matmul(&st.conv3)?.reshape((n, hh, ww, 9, c))?;
+        let taps = t
+            .matmul(&st.conv3)?
+            .to_dtype(self.elem)?
+            .reshape((n, hh, ww, 9, c))?;
         mark(timer, "conv3 matmul")?;
         let out = tap_sum3x3(&taps)?;
         mark(timer, "conv3 tap sum")?;
