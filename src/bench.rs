@@ -22,8 +22,11 @@ pub enum Precision {
     F32,
     /// f32 storage, TF32 tensor-core matmuls (CUDA only).
     Tf32,
-    /// bf16 weights and activations; likelihood sums still in f64.
+    /// bf16 coupling networks; flow state and likelihood terms in f32, sums in f64.
     Bf16,
+    /// bf16 coupling networks and flow state (faster, less exact); likelihood terms in f32.
+    #[serde(rename = "bf16-all")]
+    Bf16All,
 }
 
 impl std::str::FromStr for Precision {
@@ -33,16 +36,31 @@ impl std::str::FromStr for Precision {
             "f32" => Ok(Self::F32),
             "tf32" => Ok(Self::Tf32),
             "bf16" => Ok(Self::Bf16),
-            _ => Err(format!("unknown precision `{s}`: use f32, tf32 or bf16")),
+            "bf16-all" => Ok(Self::Bf16All),
+            _ => Err(format!(
+                "unknown precision `{s}`: use f32, tf32, bf16 or bf16-all"
+            )),
         }
     }
 }
 
 impl Precision {
-    fn dtype(self) -> DType {
+    /// (coupling-network dtype, flow-state dtype).
+    fn dtypes(self) -> (DType, DType) {
         match self {
-            Self::Bf16 => DType::BF16,
-            _ => DType::F32,
+            Self::Bf16 => (DType::BF16, DType::F32),
+            Self::Bf16All => (DType::BF16, DType::BF16),
+            _ => (DType::F32, DType::F32),
+        }
+    }
+
+    /// Lower-case name as accepted on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Tf32 => "tf32",
+            Self::Bf16 => "bf16",
+            Self::Bf16All => "bf16-all",
         }
     }
 
@@ -134,7 +152,8 @@ pub fn run_case(
     let mut rows = Vec::new();
     for &precision in &case.precisions {
         precision.apply();
-        let scorer = model.scorer(device, precision.dtype())?;
+        let (net, state) = precision.dtypes();
+        let scorer = model.scorer_with_state(device, net, state)?;
         for &batch in &case.batches {
             let x = random_batch(&case.config, batch, 2, device)?;
             for _ in 0..opts.warmup {
@@ -211,7 +230,7 @@ pub fn table(rows: &[BenchRow]) -> String {
                 r.channels.to_string(),
                 format!("{:.1}M", r.params as f64 / 1e6),
                 r.device.clone(),
-                format!("{:?}", r.precision).to_lowercase(),
+                r.precision.name().to_string(),
                 r.batch.to_string(),
                 r.runs.to_string(),
                 format!("{:.1}", r.images_per_s_median),

@@ -341,3 +341,42 @@ fn actnorm_outputs_are_standardised_after_data_dependent_init() {
         );
     }
 }
+
+#[test]
+fn bf16_scorers_track_the_f32_scores() {
+    let cfg = GlowConfig {
+        steps: 2,
+        hidden: 16,
+        ..GlowConfig::small(1)
+    };
+    let m = GlowModel::new_random(&cfg, 21, &Device::Cpu).unwrap();
+    let x = smooth_images(8, &cfg, 22);
+    m.init_from_data(&x).unwrap();
+    perturb(&m, 23, 0.01);
+    let f32s = m
+        .scorer(&Device::Cpu, DType::F32)
+        .unwrap()
+        .score(&x)
+        .unwrap();
+    let mixed = m
+        .scorer(&Device::Cpu, DType::BF16)
+        .unwrap()
+        .score(&x)
+        .unwrap();
+    let all = m
+        .scorer_with_state(&Device::Cpu, DType::BF16, DType::BF16)
+        .unwrap()
+        .score(&x)
+        .unwrap();
+    let max_rel = |s: &glowwatch::glow::ScaleScores| {
+        s.per_scale
+            .iter()
+            .flatten()
+            .zip(f32s.per_scale.iter().flatten())
+            .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+            .fold(0.0, f64::max)
+    };
+    let (rm, ra) = (max_rel(&mixed), max_rel(&all));
+    assert!(rm > 0.0 && rm < 1e-2, "bf16 networks: {rm}");
+    assert!(ra > 0.0 && ra < 5e-2, "bf16 everywhere: {ra}");
+}

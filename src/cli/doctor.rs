@@ -82,16 +82,17 @@ pub fn run(a: DoctorArgs) -> Result<()> {
         ref_bpd.iter().sum::<f64>() / ref_bpd.len() as f64
     );
     let mut f32_rel = f64::INFINITY;
-    for (name, dtype, tf32) in [
-        ("f32", DType::F32, false),
-        ("tf32", DType::F32, true),
-        ("bf16", DType::BF16, false),
+    for (name, dtype, state, tf32) in [
+        ("f32", DType::F32, DType::F32, false),
+        ("tf32", DType::F32, DType::F32, true),
+        ("bf16", DType::BF16, DType::F32, false),
+        ("bf16-all", DType::BF16, DType::BF16, false),
     ] {
         if device.is_cpu() && name != "f32" {
             continue;
         }
         candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
-        let s = model.scorer(&device, dtype)?.score(&x)?;
+        let s = model.scorer_with_state(&device, dtype, state)?.score(&x)?;
         let rel = max_rel(&s.per_scale, &reference.per_scale);
         let bpd_diff = s
             .bpd(cfg.dims())
@@ -99,7 +100,7 @@ pub fn run(a: DoctorArgs) -> Result<()> {
             .zip(reference.bpd(cfg.dims()))
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
-        println!("{name:>5}: max rel diff of lp_k {rel:.2e}, max |bpd diff| {bpd_diff:.2e}");
+        println!("{name:>8}: max rel diff of lp_k {rel:.2e}, max |bpd diff| {bpd_diff:.2e}");
         if name == "f32" {
             f32_rel = rel;
         }

@@ -131,9 +131,21 @@ impl GlowModel {
         Ok(())
     }
 
-    /// The fused inference form on `device` in `dtype`.
+    /// The fused inference form on `device`, coupling networks in `dtype` (see
+    /// [`GlowScorer::new`]).
     pub fn scorer(&self, device: &Device, dtype: DType) -> Result<GlowScorer> {
         GlowScorer::new(&self.glow, device, dtype)
+    }
+
+    /// The fused inference form with the flow state in `state` too (see
+    /// [`GlowScorer::with_state_dtype`]).
+    pub fn scorer_with_state(
+        &self,
+        device: &Device,
+        dtype: DType,
+        state: DType,
+    ) -> Result<GlowScorer> {
+        GlowScorer::with_state_dtype(&self.glow, device, dtype, state)
     }
 
     /// Number of parameters (trainable and fixed).

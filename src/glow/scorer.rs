@@ -125,9 +125,11 @@ pub struct GlowScorer {
     scales: Vec<FusedScale>,
     device: Device,
     dtype: DType,
-    /// dtype of the flow state and the likelihood work: f32, or f64 for f64 scorers. Only the
-    /// coupling networks run in `dtype`: rounding the state itself to bf16 at each of the K*L
-    /// steps compounds, while the networks' errors only perturb shift and scale.
+    /// dtype of the flow state (f32 by default). Only the coupling networks need run in
+    /// `dtype`: rounding the state itself to bf16 at each of the K*L steps compounds, while
+    /// the networks' errors only perturb shift and scale.
+    state: DType,
+    /// dtype of the likelihood terms: f32, or f64 for f64 scorers.
     elem: DType,
 }
 
@@ -151,8 +153,28 @@ fn conv_values(w: &Tensor) -> Result<(Vec<f64>, usize, usize)> {
 }
 
 impl GlowScorer {
-    /// Precomputes the fused weights and constants of `glow` for `device` in `dtype`.
+    /// Precomputes the fused weights and constants of `glow` for `device`: the coupling
+    /// networks compute in `dtype`, the flow state and likelihood terms in f32 (f64 when
+    /// `dtype` is f64).
     pub fn new(glow: &Glow, device: &Device, dtype: DType) -> Result<Self> {
+        let state = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        Self::with_state_dtype(glow, device, dtype, state)
+    }
+
+    /// As [`GlowScorer::new`], with the flow state (1x1 mixes, tap sums, coupling outputs) held
+    /// in `state`. bf16 state is faster on GPUs but rounds the state at every step, which
+    /// compounds over the K*L steps (see the README for measured deviations); the likelihood
+    /// terms stay in f32 either way.
+    pub fn with_state_dtype(
+        glow: &Glow,
+        device: &Device,
+        dtype: DType,
+        state: DType,
+    ) -> Result<Self> {
         let elem = if dtype == DType::F64 {
             DType::F64
         } else {
@@ -160,9 +182,10 @@ impl GlowScorer {
         };
         let put = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
         let put_elem = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(elem)?.to_device(device)?) };
+        let put_state = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(state)?.to_device(device)?) };
         let vec_t = |v: Vec<f64>| -> Result<Tensor> {
             let n = v.len();
-            put_elem(Tensor::from_vec(v, n, &Device::Cpu)?)
+            put_state(Tensor::from_vec(v, n, &Device::Cpu)?)
         };
         let mut scales = Vec::new();
         for scale in glow.scales() {
@@ -235,7 +258,7 @@ impl GlowScorer {
                 });
 
                 steps.push(FusedStep {
-                    mix: put_elem(mat_tensor(&m.transpose())?)?,
+                    mix: put_state(mat_tensor(&m.transpose())?)?,
                     mix_bias: vec_t(mix_bias.as_slice().to_vec())?,
                     conv1: put(mat_tensor(&conv1)?)?,
                     conv2: put(mat_tensor(&conv2)?)?,
@@ -264,6 +287,7 @@ impl GlowScorer {
             scales,
             device: device.clone(),
             dtype,
+            state,
             elem,
         })
     }
@@ -295,7 +319,7 @@ impl GlowScorer {
         let n = x.dim(0)?;
         let mut h = x
             .to_device(&self.device)?
-            .to_dtype(self.elem)?
+            .to_dtype(self.state)?
             .permute((0, 2, 3, 1))?
             .contiguous()?;
         let mut lps = Vec::with_capacity(self.scales.len());
@@ -314,6 +338,7 @@ impl GlowScorer {
                 h = h.narrow(3, sh.exit_channels, sh.channels - sh.exit_channels)?;
             }
             let y = z
+                .to_dtype(self.elem)?
                 .broadcast_add(&scale.exit_loc)?
                 .broadcast_mul(&scale.exit_scale)?;
             let lp = ((coupling + standard_normal_log_density(&y)?)? + scale.constant)?;
@@ -345,7 +370,7 @@ impl GlowScorer {
         mark(timer, "conv2 matmul+relu")?;
         let taps = t
             .matmul(&st.conv3)?
-            .to_dtype(self.elem)?
+            .to_dtype(self.state)?
             .reshape((n, hh, ww, 9, c))?;
         mark(timer, "conv3 matmul")?;
         let out = tap_sum3x3(&taps)?;
