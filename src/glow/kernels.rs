@@ -161,7 +161,7 @@ impl CustomOp1 for Im2Col {
             u(st[3]),
             u(off),
         ];
-        let out = cuda::launch1(s, "im2col", total, &args)?;
+        let out = cuda::launch(&[s], "im2col", total, &args)?;
         Ok((out, Shape::from((n * h * w, 9 * c + 1))))
     }
 }
@@ -239,7 +239,7 @@ impl CustomOp1 for TapSum {
         let total = n * h * w * c;
         let u = |v: usize| v as u32;
         let args = [u(total), u(h), u(w), u(c), u(l.start_offset())];
-        let out = cuda::launch1(s, "tap_sum", total, &args)?;
+        let out = cuda::launch(&[s], "tap_sum", total, &args)?;
         Ok((out, Shape::from((n, h, w, c))))
     }
 }
@@ -329,7 +329,7 @@ impl CustomOp3 for SmallLinear {
             u(l2.start_offset()),
             u(l3.start_offset()),
         ];
-        let out = cuda::launch3(s1, s2, s3, "small_linear", rows * n, &args)?;
+        let out = cuda::launch(&[s1, s2, s3], "small_linear", rows * n, &args)?;
         Ok((out, Shape::from((rows, n))))
     }
 }
@@ -477,7 +477,7 @@ impl CustomOp2 for CouplingApply {
             u(l1.start_offset()),
             u(l2.start_offset()),
         ];
-        let y = cuda::launch2(s1, s2, "coupling_apply", total, &args)?;
+        let y = cuda::launch(&[s1, s2], "coupling_apply", total, &args)?;
         Ok((y, l1.shape().clone()))
     }
 }
@@ -526,8 +526,8 @@ impl CustomOp1 for CouplingLogdet {
         let (n, h, w, c) = l.shape().dims4()?;
         let total = n * h * w;
         let u = |v: usize| v as u32;
-        let out = cuda::launch1(
-            s,
+        let out = cuda::launch(
+            &[s],
             "coupling_logdet",
             total,
             &[u(total), u(c), u(l.start_offset())],
@@ -696,55 +696,27 @@ COUPLING(bf16, unsigned short, float, log1pf, expf, fabsf)
         LaunchConfig::for_num_elems(total as u32)
     }
 
-    fn run1<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
-        s: &CudaStorage,
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        inputs: &[&CudaStorage],
         name: &str,
         total: usize,
         args: &[u32],
     ) -> Result<CudaStorage> {
-        let dev = &s.device;
-        let func =
-            dev.get_or_load_custom_func(&format!("{name}_{}", suffix(s.dtype())?), MODULE, ptx()?)?;
-        let src: &CudaSlice<T> = s.as_cuda_slice::<T>()?;
-        let out = unsafe { dev.alloc::<T>(total)? };
-        let mut b = func.builder();
-        b.arg(src);
-        b.arg(&out);
-        for a in args {
-            b.arg(a);
-        }
-        unsafe { b.launch(cfg(total)) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
-    }
-
-    pub fn launch1(s: &CudaStorage, name: &str, total: usize, args: &[u32]) -> Result<CudaStorage> {
-        match s.dtype() {
-            DType::F32 => run1::<f32>(s, name, total, args),
-            DType::F64 => run1::<f64>(s, name, total, args),
-            DType::BF16 => run1::<bf16>(s, name, total, args),
-            d => bail!("glowwatch kernels: unsupported dtype {d:?}"),
-        }
-    }
-
-    fn run3<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
-        s1: &CudaStorage,
-        s2: &CudaStorage,
-        s3: &CudaStorage,
-        name: &str,
-        total: usize,
-        args: &[u32],
-    ) -> Result<CudaStorage> {
-        let dev = &s1.device;
+        let dev = &inputs[0].device;
         let func = dev.get_or_load_custom_func(
-            &format!("{name}_{}", suffix(s1.dtype())?),
+            &format!("{name}_{}", suffix(inputs[0].dtype())?),
             MODULE,
             ptx()?,
         )?;
+        let slices = inputs
+            .iter()
+            .map(|s| s.as_cuda_slice::<T>())
+            .collect::<Result<Vec<&CudaSlice<T>>>>()?;
         let out = unsafe { dev.alloc::<T>(total)? };
         let mut b = func.builder();
-        b.arg(s1.as_cuda_slice::<T>()?);
-        b.arg(s2.as_cuda_slice::<T>()?);
-        b.arg(s3.as_cuda_slice::<T>()?);
+        for s in &slices {
+            b.arg(*s);
+        }
         b.arg(&out);
         for a in args {
             b.arg(a);
@@ -753,45 +725,22 @@ COUPLING(bf16, unsigned short, float, log1pf, expf, fabsf)
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 
-    fn run2<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
-        s1: &CudaStorage,
-        s2: &CudaStorage,
+    /// Launches kernel `name` (dtype suffix added) with one thread per output element:
+    /// arguments are the input buffers, the output buffer, then `args`.
+    pub fn launch(
+        inputs: &[&CudaStorage],
         name: &str,
         total: usize,
         args: &[u32],
     ) -> Result<CudaStorage> {
-        let dev = &s1.device;
-        let func = dev.get_or_load_custom_func(
-            &format!("{name}_{}", suffix(s1.dtype())?),
-            MODULE,
-            ptx()?,
-        )?;
-        let out = unsafe { dev.alloc::<T>(total)? };
-        let mut b = func.builder();
-        b.arg(s1.as_cuda_slice::<T>()?);
-        b.arg(s2.as_cuda_slice::<T>()?);
-        b.arg(&out);
-        for a in args {
-            b.arg(a);
-        }
-        unsafe { b.launch(cfg(total)) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
-    }
-
-    pub fn launch2(
-        s1: &CudaStorage,
-        s2: &CudaStorage,
-        name: &str,
-        total: usize,
-        args: &[u32],
-    ) -> Result<CudaStorage> {
-        if s1.dtype() != s2.dtype() {
+        let dtype = inputs[0].dtype();
+        if inputs.iter().any(|s| s.dtype() != dtype) {
             bail!("glowwatch kernels: mixed dtypes");
         }
-        match s1.dtype() {
-            DType::F32 => run2::<f32>(s1, s2, name, total, args),
-            DType::F64 => run2::<f64>(s1, s2, name, total, args),
-            DType::BF16 => run2::<bf16>(s1, s2, name, total, args),
+        match dtype {
+            DType::F32 => run::<f32>(inputs, name, total, args),
+            DType::F64 => run::<f64>(inputs, name, total, args),
+            DType::BF16 => run::<bf16>(inputs, name, total, args),
             d => bail!("glowwatch kernels: unsupported dtype {d:?}"),
         }
     }
@@ -907,25 +856,6 @@ COUPLING(bf16, unsigned short, float, log1pf, expf, fabsf)
                 DType::BF16 => lt_matmul_relu::<bf16>(s1, l1, s2, l2),
                 d => bail!("matmul_relu: unsupported dtype {d:?}"),
             }
-        }
-    }
-
-    pub fn launch3(
-        s1: &CudaStorage,
-        s2: &CudaStorage,
-        s3: &CudaStorage,
-        name: &str,
-        total: usize,
-        args: &[u32],
-    ) -> Result<CudaStorage> {
-        if s1.dtype() != s2.dtype() || s1.dtype() != s3.dtype() {
-            bail!("glowwatch kernels: mixed dtypes");
-        }
-        match s1.dtype() {
-            DType::F32 => run3::<f32>(s1, s2, s3, name, total, args),
-            DType::F64 => run3::<f64>(s1, s2, s3, name, total, args),
-            DType::BF16 => run3::<bf16>(s1, s2, s3, name, total, args),
-            d => bail!("glowwatch kernels: unsupported dtype {d:?}"),
         }
     }
 }
