@@ -70,6 +70,43 @@ impl Precision {
     }
 }
 
+/// What a timed run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchMode {
+    /// The fused inference scorer (what the product runs).
+    Score,
+    /// The trainable reference path's forward pass (what the fused scorer is tested against).
+    Reference,
+    /// One training step's forward and backward pass of the mean NLL (no optimizer update);
+    /// counted as 3x the forward FLOPs.
+    TrainStep,
+}
+
+impl std::str::FromStr for BenchMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "score" => Ok(Self::Score),
+            "reference" => Ok(Self::Reference),
+            "train-step" => Ok(Self::TrainStep),
+            _ => Err(format!(
+                "unknown mode `{s}`: use score, reference or train-step"
+            )),
+        }
+    }
+}
+
+impl BenchMode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Score => "score",
+            Self::Reference => "reference",
+            Self::TrainStep => "train-step",
+        }
+    }
+}
+
 /// One benchmark configuration, measured at every batch size and precision.
 #[derive(Debug, Clone)]
 pub struct BenchCase {
@@ -87,6 +124,7 @@ pub struct BenchCase {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
     pub config: String,
+    pub mode: BenchMode,
     pub channels: usize,
     pub params: usize,
     pub device: String,
@@ -115,8 +153,10 @@ pub struct BenchOptions {
     pub peak_tflops: Option<f64>,
     /// Reference images/s for the ratio column.
     pub reference_ips: Option<f64>,
-    /// Also time the stages of one forward pass per row (see [`StageTimer`]).
+    /// Also time the stages of one forward pass per row (see [`StageTimer`]; score mode).
     pub profile: bool,
+    /// What each timed run does.
+    pub mode: BenchMode,
 }
 
 fn random_batch(cfg: &GlowConfig, n: usize, seed: u64, device: &Device) -> Result<Tensor> {
@@ -156,18 +196,34 @@ pub fn run_case(
         let scorer = model.scorer_with_state(device, net, state)?;
         for &batch in &case.batches {
             let x = random_batch(&case.config, batch, 2, device)?;
+            // Every mode ends by copying a result to the host, which includes the device sync.
+            let work = || -> Result<usize> {
+                Ok(match opts.mode {
+                    BenchMode::Score => scorer.score(&x)?.log_p.len(),
+                    BenchMode::Reference => {
+                        model.glow.forward(&x)?.log_p()?.to_vec1::<f64>()?.len()
+                    }
+                    BenchMode::TrainStep => {
+                        let loss = model.glow.forward(&x)?.log_p()?.mean(0)?.neg()?;
+                        let grads = loss.backward()?;
+                        let _ = loss.to_scalar::<f64>()?;
+                        drop(grads);
+                        batch
+                    }
+                })
+            };
             for _ in 0..opts.warmup {
-                scorer.score(&x)?;
+                work()?;
             }
             let mut ips = Vec::with_capacity(opts.runs);
             for _ in 0..opts.runs.max(1) {
                 let t = Instant::now();
-                let s = scorer.score(&x)?; // copies to the host: includes device sync
+                let n = work()?;
                 let dt = t.elapsed().as_secs_f64();
-                assert_eq!(s.log_p.len(), batch);
+                assert_eq!(n, batch);
                 ips.push(batch as f64 / dt);
             }
-            let stages = if opts.profile {
+            let stages = if opts.profile && opts.mode == BenchMode::Score {
                 let mut timer = StageTimer::new(device)?;
                 scorer.forward_timed(&x, Some(&mut timer))?;
                 timer
@@ -179,9 +235,15 @@ pub fn run_case(
                 vec![]
             };
             let med = median(&ips);
-            let tflops = med * case.config.flops_per_image() / 1e12;
+            let passes = if opts.mode == BenchMode::TrainStep {
+                3.0
+            } else {
+                1.0
+            };
+            let tflops = passes * med * case.config.flops_per_image() / 1e12;
             let row = BenchRow {
                 config: case.name.clone(),
+                mode: opts.mode,
                 channels: case.config.in_channels,
                 params: model.param_count(),
                 device: device_name(device),
@@ -208,6 +270,7 @@ pub fn run_case(
 pub fn table(rows: &[BenchRow]) -> String {
     let header = [
         "config",
+        "mode",
         "C",
         "params",
         "device",
@@ -227,6 +290,7 @@ pub fn table(rows: &[BenchRow]) -> String {
         .map(|r| {
             vec![
                 r.config.clone(),
+                r.mode.name().to_string(),
                 r.channels.to_string(),
                 format!("{:.1}M", r.params as f64 / 1e6),
                 r.device.clone(),
@@ -242,6 +306,7 @@ pub fn table(rows: &[BenchRow]) -> String {
             ]
         })
         .collect();
+    debug_assert!(body.iter().all(|r| r.len() == header.len()));
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
             body.iter()
@@ -325,6 +390,7 @@ mod tests {
             peak_tflops: Some(1.0),
             reference_ips: Some(10.0),
             profile: true,
+            mode: BenchMode::Score,
         };
         let rows = run_case(&case, &Device::Cpu, &opts, |_| {}).unwrap();
         assert_eq!(rows.len(), 2);
@@ -335,5 +401,20 @@ mod tests {
         );
         let t = table(&rows);
         assert!(t.contains("tiny") && t.contains("img/s"), "{t}");
+        // Every row is as wide as the header (columns and widths agree).
+        let widths: Vec<usize> = t.lines().map(|l| l.len()).collect();
+        assert!(widths.iter().all(|&w| w == widths[0]), "{t}");
+        for mode in [BenchMode::Reference, BenchMode::TrainStep] {
+            let opts = BenchOptions {
+                mode,
+                profile: false,
+                ..opts.clone()
+            };
+            let rows = run_case(&case, &Device::Cpu, &opts, |_| {}).unwrap();
+            assert!(
+                rows.iter()
+                    .all(|r| r.mode == mode && r.images_per_s_median > 0.0)
+            );
+        }
     }
 }

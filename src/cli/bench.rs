@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::bench::{BenchCase, BenchOptions, Precision, profile_table, run_case, table};
+use crate::bench::{BenchCase, BenchMode, BenchOptions, Precision, profile_table, run_case, table};
 use crate::device::DeviceSpec;
 use crate::glow::config::GlowConfig;
 
@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// Reference images/s (e.g. from ../shared/docs/performance.md), for the "x ref" column.
     #[arg(long)]
     reference_ips: Option<f64>,
+    /// What to time: score (fused scorer), reference (trainable path's forward) or train-step
+    /// (forward + backward of the mean NLL).
+    #[arg(long, default_value = "score")]
+    mode: BenchMode,
     /// Also time the stages of one forward pass per row and print their shares.
     #[arg(long)]
     profile: bool,
@@ -66,6 +70,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         peak_tflops: a.peak_tflops,
         reference_ips: a.reference_ips,
         profile: a.profile,
+        mode: a.mode,
     };
     let mut rows = Vec::new();
     for name in &a.config {
