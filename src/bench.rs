@@ -78,9 +78,12 @@ pub enum BenchMode {
     Score,
     /// The trainable reference path's forward pass (what the fused scorer is tested against).
     Reference,
-    /// One training step's forward and backward pass of the mean NLL (no optimizer update);
-    /// counted as 3x the forward FLOPs.
+    /// One training step's forward and backward pass of the mean NLL through the channels-last
+    /// training path ([`crate::glow::Glow::scale_log_p`]), no optimizer update; counted as 3x
+    /// the forward FLOPs.
     TrainStep,
+    /// The same through the NCHW reference path ([`crate::glow::Glow::forward`]).
+    TrainStepReference,
 }
 
 impl std::str::FromStr for BenchMode {
@@ -90,8 +93,9 @@ impl std::str::FromStr for BenchMode {
             "score" => Ok(Self::Score),
             "reference" => Ok(Self::Reference),
             "train-step" => Ok(Self::TrainStep),
+            "train-step-reference" => Ok(Self::TrainStepReference),
             _ => Err(format!(
-                "unknown mode `{s}`: use score, reference or train-step"
+                "unknown mode `{s}`: use score, reference, train-step or train-step-reference"
             )),
         }
     }
@@ -103,6 +107,7 @@ impl BenchMode {
             Self::Score => "score",
             Self::Reference => "reference",
             Self::TrainStep => "train-step",
+            Self::TrainStepReference => "train-step-reference",
         }
     }
 }
@@ -203,8 +208,13 @@ pub fn run_case(
                     BenchMode::Reference => {
                         model.glow.forward(&x)?.log_p()?.to_vec1::<f64>()?.len()
                     }
-                    BenchMode::TrainStep => {
-                        let loss = model.glow.forward(&x)?.log_p()?.mean(0)?.neg()?;
+                    BenchMode::TrainStep | BenchMode::TrainStepReference => {
+                        let log_p = if opts.mode == BenchMode::TrainStep {
+                            model.glow.scale_log_p(&x)?.sum(1)?
+                        } else {
+                            model.glow.forward(&x)?.log_p()?
+                        };
+                        let loss = log_p.mean(0)?.neg()?;
                         let grads = loss.backward()?;
                         let _ = loss.to_scalar::<f64>()?;
                         drop(grads);
@@ -235,10 +245,9 @@ pub fn run_case(
                 vec![]
             };
             let med = median(&ips);
-            let passes = if opts.mode == BenchMode::TrainStep {
-                3.0
-            } else {
-                1.0
+            let passes = match opts.mode {
+                BenchMode::TrainStep | BenchMode::TrainStepReference => 3.0,
+                BenchMode::Score | BenchMode::Reference => 1.0,
             };
             let tflops = passes * med * case.config.flops_per_image() / 1e12;
             let row = BenchRow {
@@ -365,6 +374,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn mode_and_precision_names_parse_back() {
+        for m in [
+            BenchMode::Score,
+            BenchMode::Reference,
+            BenchMode::TrainStep,
+            BenchMode::TrainStepReference,
+        ] {
+            assert_eq!(m.name().parse::<BenchMode>(), Ok(m));
+        }
+        for p in [
+            Precision::F32,
+            Precision::Tf32,
+            Precision::Bf16,
+            Precision::Bf16All,
+        ] {
+            assert_eq!(p.name().parse::<Precision>(), Ok(p));
+        }
+        assert!("fast".parse::<BenchMode>().is_err());
+    }
+
+    #[test]
     fn median_of_odd_and_even() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
@@ -404,7 +434,11 @@ mod tests {
         // Every row is as wide as the header (columns and widths agree).
         let widths: Vec<usize> = t.lines().map(|l| l.len()).collect();
         assert!(widths.iter().all(|&w| w == widths[0]), "{t}");
-        for mode in [BenchMode::Reference, BenchMode::TrainStep] {
+        for mode in [
+            BenchMode::Reference,
+            BenchMode::TrainStep,
+            BenchMode::TrainStepReference,
+        ] {
             let opts = BenchOptions {
                 mode,
                 profile: false,

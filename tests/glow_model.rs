@@ -380,3 +380,65 @@ fn bf16_scorers_track_the_f32_scores() {
     assert!(rm > 0.0 && rm < 1e-2, "bf16 networks: {rm}");
     assert!(ra > 0.0 && ra < 5e-2, "bf16 everywhere: {ra}");
 }
+
+#[test]
+#[allow(clippy::needless_range_loop)] // [image][scale] indexing mirrors the decomposition
+fn training_path_matches_the_reference_in_values_and_gradients() {
+    let cfg = tiny_config();
+    let m = f64_model(&cfg, 31);
+    let x = random_images(3, &cfg, 32, DType::F64);
+    let fast = m.glow.scale_log_p(&x).unwrap();
+    let reference = m.glow.forward(&x).unwrap();
+    let fast_v = fast.to_vec2::<f64>().unwrap();
+    for k in 0..cfg.scales {
+        let r = to_vec64(&reference.scale_log_p(k).unwrap());
+        for i in 0..3 {
+            assert!(
+                (fast_v[i][k] - r[i]).abs() < 1e-9 * (1.0 + r[i].abs()),
+                "scale {k} image {i}"
+            );
+        }
+    }
+    // Same gradients for every parameter: the two paths are one function.
+    let g_fast = fast
+        .sum(1)
+        .unwrap()
+        .mean(0)
+        .unwrap()
+        .neg()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g_ref = reference
+        .log_p()
+        .unwrap()
+        .mean(0)
+        .unwrap()
+        .neg()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let vars = m.varmap.data().lock().unwrap();
+    let mut checked = 0;
+    for (name, var) in vars.iter() {
+        let (a, b) = (g_fast.get(var.as_tensor()), g_ref.get(var.as_tensor()));
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                let (a, b) = (to_vec64(a), to_vec64(b));
+                let scale = b.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    diff <= 1e-8 * scale.max(1.0),
+                    "{name}: max grad diff {diff} (scale {scale})"
+                );
+                checked += 1;
+            }
+            (None, None) => {}
+            _ => panic!("{name}: gradient present in only one path"),
+        }
+    }
+    assert!(checked > 20, "only {checked} parameters had gradients");
+}

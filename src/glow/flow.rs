@@ -16,6 +16,48 @@ use super::invconv::InvConv;
 use super::squeeze::{squeeze, unsqueeze};
 use super::{GlowError, Result};
 
+/// Channels-last building blocks of the training path, from standard candle ops only (so
+/// autograd covers them); the fused scorer uses kernel versions of the same operations.
+pub mod nhwc {
+    use candle_core::{Result, Tensor};
+
+    /// (N, H, W, C) -> (N, H/2, W/2, 4C), channel c*4 + 2i + j.
+    pub fn squeeze(x: &Tensor) -> Result<Tensor> {
+        let (n, h, w, c) = x.dims4()?;
+        x.reshape((n, h / 2, 2, w / 2, 2, c))?
+            .permute((0, 1, 3, 5, 2, 4))?
+            .reshape((n, h / 2, w / 2, c * 4))
+    }
+
+    /// (N, H, W, C) -> (N*H*W, 9*C) zero-padded 3x3 patches, columns (tap = 3*dy + dx, channel).
+    pub fn im2col3x3(x: &Tensor) -> Result<Tensor> {
+        let (n, h, w, c) = x.dims4()?;
+        let p = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+        let taps: Vec<Tensor> = (0..9)
+            .map(|t| p.narrow(1, t / 3, h)?.narrow(2, t % 3, w))
+            .collect::<Result<_>>()?;
+        Tensor::cat(&taps, 3)?.reshape((n * h * w, 9 * c))
+    }
+
+    /// taps (N, H, W, 9, C) -> out[y, x] = sum over taps of taps[y + dy - 1, x + dx - 1, tap].
+    pub fn tap_sum3x3(taps: &Tensor) -> Result<Tensor> {
+        let (_, h, w, _, _) = taps.dims5()?;
+        let p = taps.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+        let mut acc: Option<Tensor> = None;
+        for t in 0..9 {
+            let part = p
+                .narrow(1, t / 3, h)?
+                .narrow(2, t % 3, w)?
+                .narrow(3, t, 1)?;
+            acc = Some(match acc {
+                Some(a) => (a + part)?,
+                None => part,
+            });
+        }
+        acc.expect("nine taps").squeeze(3)
+    }
+}
+
 /// One flow step: ActNorm -> invertible 1x1 conv -> affine coupling.
 #[derive(Debug, Clone)]
 pub struct Step {
@@ -199,6 +241,84 @@ impl Glow {
             .collect::<candle_core::Result<_>>()?;
         out.total_prior = standard_normal_log_density(&Tensor::cat(&all, 1)?)?;
         Ok(out)
+    }
+
+    /// lp_k per image and scale as an (N, L) f64 tensor, differentiable with respect to every
+    /// parameter: the training path. Same numbers as [`Glow::forward`], computed channels-last
+    /// so every convolution is a plain matrix multiplication (3x3 convs through im2col and
+    /// through a matmul to their taps plus a shifted sum), whose backward passes are matmuls
+    /// too; candle's conv2d backward on the CPU is several times slower.
+    pub fn scale_log_p(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        let n = x.dim(0)?;
+        let mut h = x.permute((0, 2, 3, 1))?.contiguous()?;
+        let mut lps = Vec::with_capacity(self.scales.len());
+        for scale in &self.scales {
+            h = nhwc::squeeze(&h)?;
+            let (hh, ww, c) = (scale.shape.size, scale.shape.size, scale.shape.channels);
+            let hw = hh * ww;
+            let rows = n * hw;
+            let mut lp = Tensor::zeros(n, DType::F64, x.device())?;
+            for step in &scale.steps {
+                // ActNorm then the 1x1 conv, over the last (channel) dimension.
+                let an = &step.actnorm;
+                let t = h.broadcast_add(&an.loc)?.broadcast_mul(&an.logs.exp()?)?;
+                let w = step.invconv.weight()?;
+                h = t
+                    .reshape((rows, c))?
+                    .matmul(&w.t()?)?
+                    .reshape((n, hh, ww, c))?;
+                let constant = (an.logdet(hw)? + step.invconv.logdet(hw)?)?;
+                lp = lp.broadcast_add(&constant)?;
+                // Affine coupling.
+                let cp = &step.coupling;
+                let half = c / 2;
+                let xa = h.narrow(3, 0, half)?;
+                let xb = h.narrow(3, half, c - half)?;
+                let hidden = cp.conv2.dim(0)?;
+                let w1 = cp
+                    .conv1
+                    .permute((2, 3, 1, 0))?
+                    .reshape((9 * half, hidden))?;
+                let t = nhwc::im2col3x3(&xa)?.matmul(&w1)?;
+                let t = t
+                    .broadcast_add(&cp.norm1.loc)?
+                    .broadcast_mul(&cp.norm1.logs.exp()?)?
+                    .relu()?;
+                let t = t.matmul(&cp.conv2.t()?)?;
+                let t = t
+                    .broadcast_add(&cp.norm2.loc)?
+                    .broadcast_mul(&cp.norm2.logs.exp()?)?
+                    .relu()?;
+                let w3 = cp.conv3.permute((1, 2, 3, 0))?.reshape((hidden, 9 * c))?;
+                let taps = t.matmul(&w3)?.reshape((n, hh, ww, 9, c))?;
+                let net = nhwc::tap_sum3x3(&taps)?
+                    .broadcast_add(&cp.conv3_bias)?
+                    .broadcast_mul(&(&cp.conv3_logs * 3.0)?.exp()?)?;
+                // Interleaved channels: shift = even, raw = odd.
+                let pairs = net.reshape((n, hh, ww, half, 2))?;
+                let shift = pairs.narrow(4, 0, 1)?.squeeze(4)?;
+                let raw = pairs.narrow(4, 1, 1)?.squeeze(4)?;
+                let log_s = super::log_sigmoid(&(raw + 2.0)?)?;
+                let yb = (xb + shift)?.mul(&log_s.exp()?)?;
+                lp = (lp + super::per_sample_sum(&log_s)?)?;
+                h = Tensor::cat(&[&xa, &yb], 3)?;
+            }
+            let sh = scale.shape;
+            let z = h.narrow(3, 0, sh.exit_channels)?;
+            if sh.exit_channels < sh.channels {
+                h = h.narrow(3, sh.exit_channels, sh.channels - sh.exit_channels)?;
+            }
+            let loc = scale.exit.loc.permute((1, 2, 0))?;
+            let exit_scale =
+                (scale.exit.logs.permute((1, 2, 0))?.exp()? + super::exit::EXIT_SCALE_EPS)?;
+            let y = z.broadcast_add(&loc)?.broadcast_mul(&exit_scale)?;
+            lp = lp
+                .broadcast_add(&scale.exit.logdet()?)?
+                .add(&standard_normal_log_density(&y)?)?;
+            lps.push(lp);
+        }
+        Ok(Tensor::stack(&lps, 1)?)
     }
 
     /// Latents (one standard-normal tensor per exit, shapes as [`FlowOutput::latents`]) -> images.

@@ -863,6 +863,7 @@ COUPLING(bf16, unsigned short, float, log1pf, expf, fabsf)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::glow::flow::nhwc;
     use candle_core::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -876,44 +877,15 @@ mod tests {
             .unwrap()
     }
 
-    /// Plain candle formulation of the patches (pads, narrows, cat).
+    /// Plain candle formulation of the patches (the training path's), plus the ones column.
     fn im2col_reference(x: &Tensor) -> Tensor {
-        let (n, h, w, c) = x.dims4().unwrap();
-        let p = x
-            .pad_with_zeros(1, 1, 1)
-            .unwrap()
-            .pad_with_zeros(2, 1, 1)
-            .unwrap();
-        let mut taps: Vec<Tensor> = (0..9)
-            .map(|t| p.narrow(1, t / 3, h).unwrap().narrow(2, t % 3, w).unwrap())
-            .collect();
-        taps.push(Tensor::ones((n, h, w, 1), x.dtype(), x.device()).unwrap());
-        Tensor::cat(&taps, 3)
-            .unwrap()
-            .reshape((n * h * w, 9 * c + 1))
-            .unwrap()
+        let (n, h, w, _) = x.dims4().unwrap();
+        let ones = Tensor::ones((n * h * w, 1), x.dtype(), x.device()).unwrap();
+        Tensor::cat(&[&nhwc::im2col3x3(x).unwrap(), &ones], 1).unwrap()
     }
 
     fn tap_sum_reference(taps: &Tensor) -> Tensor {
-        let (_, h, w, _, _) = taps.dims5().unwrap();
-        let p = taps
-            .pad_with_zeros(1, 1, 1)
-            .unwrap()
-            .pad_with_zeros(2, 1, 1)
-            .unwrap();
-        (0..9)
-            .map(|t| {
-                p.narrow(1, t / 3, h)
-                    .unwrap()
-                    .narrow(2, t % 3, w)
-                    .unwrap()
-                    .narrow(3, t, 1)
-                    .unwrap()
-            })
-            .reduce(|a, b| (a + b).unwrap())
-            .unwrap()
-            .squeeze(3)
-            .unwrap()
+        nhwc::tap_sum3x3(taps).unwrap()
     }
 
     #[test]

@@ -324,7 +324,7 @@ impl GlowScorer {
             .contiguous()?;
         let mut lps = Vec::with_capacity(self.scales.len());
         for scale in &self.scales {
-            h = squeeze_nhwc(&h)?;
+            h = super::flow::nhwc::squeeze(&h)?;
             mark(&mut timer, "squeeze")?;
             let mut coupling = Tensor::zeros(n, DType::F64, &self.device)?;
             for step in &scale.steps {
@@ -389,15 +389,6 @@ impl GlowScorer {
     }
 }
 
-/// Channels-last squeeze: (N, H, W, C) -> (N, H/2, W/2, 4C), channel c*4 + 2i + j as in
-/// [`super::squeeze::squeeze`].
-pub fn squeeze_nhwc(x: &Tensor) -> Result<Tensor> {
-    let (n, h, w, c) = x.dims4()?;
-    Ok(x.reshape((n, h / 2, 2, w / 2, 2, c))?
-        .permute((0, 1, 3, 5, 2, 4))?
-        .reshape((n, h / 2, w / 2, c * 4))?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,7 +430,7 @@ mod tests {
     fn nhwc_squeeze_matches_nchw_squeeze() -> Result<()> {
         let x = Tensor::arange(0f32, 2. * 3. * 4. * 4., &Device::Cpu)?.reshape((2, 3, 4, 4))?;
         let want = super::super::squeeze::squeeze(&x)?.permute((0, 2, 3, 1))?;
-        let got = squeeze_nhwc(&x.permute((0, 2, 3, 1))?.contiguous()?)?;
+        let got = super::super::flow::nhwc::squeeze(&x.permute((0, 2, 3, 1))?.contiguous()?)?;
         assert_eq!((got - want)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
         Ok(())
     }
