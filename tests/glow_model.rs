@@ -43,10 +43,15 @@ fn smooth_images(n: usize, cfg: &GlowConfig, seed: u64) -> Tensor {
         .unwrap()
 }
 
-/// Moves every trainable parameter off its init value so no layer is an identity or a
-/// linear map by accident (the last coupling conv starts at zero).
-fn perturb(model: &GlowModel, seed: u64, scale: f64) {
-    model.perturb(seed, scale).unwrap();
+/// An f32 model initialised on `n` smooth images (returned too), then moved off its init values
+/// by N(0, noise^2) so no layer is an identity or a linear map by accident (the last coupling
+/// conv starts at zero).
+fn perturbed_model(cfg: &GlowConfig, seed: u64, n: usize, noise: f64) -> (GlowModel, Tensor) {
+    let m = GlowModel::new_random(cfg, seed, &Device::Cpu).unwrap();
+    let x = smooth_images(n, cfg, seed + 1);
+    m.init_from_data(&x).unwrap();
+    m.perturb(seed + 2, noise).unwrap();
+    (m, x)
 }
 
 fn to_vec64(t: &Tensor) -> Vec<f64> {
@@ -88,7 +93,7 @@ fn f64_model(cfg: &GlowConfig, seed: u64) -> GlowModel {
     let m = GlowModel::new_random_dtype(cfg, seed, &Device::Cpu, DType::F64).unwrap();
     m.init_from_data(&random_images(16, cfg, seed + 1, DType::F64))
         .unwrap();
-    perturb(&m, seed + 2, 0.05);
+    m.perturb(seed + 2, 0.05).unwrap();
     m
 }
 
@@ -184,10 +189,7 @@ fn inverse_of_forward_reconstructs_images_f32() {
             hidden: 32,
             ..GlowConfig::small(in_channels)
         };
-        let m = GlowModel::new_random(&cfg, 1, &Device::Cpu).unwrap();
-        let x = smooth_images(8, &cfg, 2);
-        m.init_from_data(&x).unwrap();
-        perturb(&m, 3, 0.02);
+        let (m, x) = perturbed_model(&cfg, 1, 8, 0.02);
         let out = m.glow.forward(&x).unwrap();
         let back = m.glow.inverse(&out.latents).unwrap();
         let err = (back - &x)
@@ -215,10 +217,7 @@ fn per_scale_terms_sum_to_the_total_in_f64() {
         hidden: 24,
         ..GlowConfig::small(1)
     };
-    let m = GlowModel::new_random(&cfg, 4, &Device::Cpu).unwrap();
-    let x = smooth_images(16, &cfg, 5);
-    m.init_from_data(&x).unwrap();
-    perturb(&m, 6, 0.02);
+    let (m, x) = perturbed_model(&cfg, 4, 16, 0.02);
     let out = m.glow.forward(&x).unwrap();
     // Independent accumulation: one running log-det sum + the prior of all latents at once.
     let total = to_vec64(&(&out.total_logdet + &out.total_prior).unwrap());
@@ -349,10 +348,7 @@ fn bf16_scorers_track_the_f32_scores() {
         hidden: 16,
         ..GlowConfig::small(1)
     };
-    let m = GlowModel::new_random(&cfg, 21, &Device::Cpu).unwrap();
-    let x = smooth_images(8, &cfg, 22);
-    m.init_from_data(&x).unwrap();
-    perturb(&m, 23, 0.01);
+    let (m, x) = perturbed_model(&cfg, 21, 8, 0.01);
     let f32s = m
         .scorer(&Device::Cpu, DType::F32)
         .unwrap()

@@ -26,72 +26,46 @@ fn strides4(l: &Layout) -> Result<([usize; 4], usize)> {
     Ok(([s[0], s[1], s[2], s[3]], l.start_offset()))
 }
 
-trait Elem: Copy + Send + Sync + 'static {
-    fn f(self) -> f32;
-    fn from_f(v: f32) -> Self;
+/// Element types of the CPU kernels; they compute and accumulate in f64 (the CUDA kernels in
+/// f32, or f64 for f64 data).
+trait Real: Copy + Send + Sync + 'static {
+    fn get(self) -> f64;
+    fn put(v: f64) -> Self;
 }
-impl Elem for f32 {
-    fn f(self) -> f32 {
+impl Real for f32 {
+    fn get(self) -> f64 {
+        self as f64
+    }
+    fn put(v: f64) -> Self {
+        v as f32
+    }
+}
+impl Real for f64 {
+    fn get(self) -> f64 {
         self
     }
-    fn from_f(v: f32) -> Self {
+    fn put(v: f64) -> Self {
         v
     }
 }
-impl Elem for bf16 {
-    fn f(self) -> f32 {
-        self.to_f32()
+impl Real for bf16 {
+    fn get(self) -> f64 {
+        self.to_f64()
     }
-    fn from_f(v: f32) -> Self {
-        bf16::from_f32(v)
+    fn put(v: f64) -> Self {
+        bf16::from_f64(v)
     }
 }
 
-/// f64 runs (tests) accumulate in f64; the others in f32.
 macro_rules! dispatch_cpu {
     ($storage:expr, $body:ident, $($arg:expr),*) => {
         match $storage {
-            CpuStorage::F32(v) => CpuStorage::F32($body::<f32, f32>(v, $($arg),*)),
-            CpuStorage::BF16(v) => CpuStorage::BF16($body::<bf16, f32>(v, $($arg),*)),
-            CpuStorage::F64(v) => CpuStorage::F64($body::<f64, f64>(v, $($arg),*)),
+            CpuStorage::F32(v) => CpuStorage::F32($body::<f32>(v, $($arg),*)),
+            CpuStorage::BF16(v) => CpuStorage::BF16($body::<bf16>(v, $($arg),*)),
+            CpuStorage::F64(v) => CpuStorage::F64($body::<f64>(v, $($arg),*)),
             s => bail!("unsupported dtype {:?}", s.dtype()),
         }
     };
-}
-
-trait Acc<E>: Copy + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> {
-    fn load(e: E) -> Self;
-    fn store(self) -> E;
-    fn zero() -> Self;
-    fn one() -> Self;
-}
-impl<E: Elem> Acc<E> for f32 {
-    fn load(e: E) -> Self {
-        e.f()
-    }
-    fn store(self) -> E {
-        E::from_f(self)
-    }
-    fn zero() -> Self {
-        0.0
-    }
-    fn one() -> Self {
-        1.0
-    }
-}
-impl Acc<f64> for f64 {
-    fn load(e: f64) -> Self {
-        e
-    }
-    fn store(self) -> f64 {
-        self
-    }
-    fn zero() -> Self {
-        0.0
-    }
-    fn one() -> Self {
-        1.0
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -99,15 +73,10 @@ impl Acc<f64> for f64 {
 
 struct Im2Col;
 
-fn im2col_cpu<E: Copy + Send + Sync, A: Acc<E>>(
-    src: &[E],
-    dims: [usize; 4],
-    st: [usize; 4],
-    off: usize,
-) -> Vec<E> {
+fn im2col_cpu<E: Real>(src: &[E], dims: [usize; 4], st: [usize; 4], off: usize) -> Vec<E> {
     let [n, h, w, c] = dims;
     let k = 9 * c + 1;
-    let mut out = vec![A::zero().store(); n * h * w * k];
+    let mut out = vec![E::put(0.0); n * h * w * k];
     out.par_chunks_mut(k).enumerate().for_each(|(row, o)| {
         let (b, y, x) = (row / (h * w), (row / w) % h, row % w);
         for t in 0..9 {
@@ -123,7 +92,7 @@ fn im2col_cpu<E: Copy + Send + Sync, A: Acc<E>>(
                 o[t * c + ci] = src[base + ci * st[3]];
             }
         }
-        o[9 * c] = A::one().store();
+        o[9 * c] = E::put(1.0);
     });
     out
 }
@@ -177,18 +146,14 @@ pub fn im2col3x3_ones(x: &Tensor) -> Result<Tensor> {
 
 struct TapSum;
 
-fn tap_sum_cpu<E: Copy + Send + Sync, A: Acc<E>>(
-    src: &[E],
-    dims: [usize; 4],
-    off: usize,
-) -> Vec<E> {
+fn tap_sum_cpu<E: Real>(src: &[E], dims: [usize; 4], off: usize) -> Vec<E> {
     let [n, h, w, c] = dims;
     let src = &src[off..];
-    let mut out = vec![A::zero().store(); n * h * w * c];
+    let mut out = vec![E::put(0.0); n * h * w * c];
     out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
         let (b, y, x) = (row / (h * w), (row / w) % h, row % w);
         for (j, oj) in o.iter_mut().enumerate() {
-            let mut acc = A::zero();
+            let mut acc = 0.0;
             for t in 0..9 {
                 let (yy, xx) = (
                     y as isize + t as isize / 3 - 1,
@@ -198,9 +163,9 @@ fn tap_sum_cpu<E: Copy + Send + Sync, A: Acc<E>>(
                     continue;
                 }
                 let p = (b * h + yy as usize) * w + xx as usize;
-                acc = acc + A::load(src[(p * 9 + t) * c + j]);
+                acc += src[(p * 9 + t) * c + j].get();
             }
-            *oj = acc.store();
+            *oj = E::put(acc);
         }
     });
     out
@@ -256,23 +221,16 @@ pub fn tap_sum3x3(taps: &Tensor) -> Result<Tensor> {
 
 struct SmallLinear;
 
-fn small_linear_cpu<E: Copy + Send + Sync, A: Acc<E>>(
-    x: &[E],
-    w: &[E],
-    b: &[E],
-    rows: usize,
-    k: usize,
-    n: usize,
-) -> Vec<E> {
-    let mut out = vec![A::zero().store(); rows * n];
+fn small_linear_cpu<E: Real>(x: &[E], w: &[E], b: &[E], rows: usize, k: usize, n: usize) -> Vec<E> {
+    let mut out = vec![E::put(0.0); rows * n];
     out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
         let xr = &x[r * k..(r + 1) * k];
         for (j, oj) in o.iter_mut().enumerate() {
-            let mut acc = A::load(b[j]);
+            let mut acc = b[j].get();
             for (kk, &xv) in xr.iter().enumerate() {
-                acc = acc + A::load(xv) * A::load(w[kk * n + j]);
+                acc += xv.get() * w[kk * n + j].get();
             }
-            *oj = acc.store();
+            *oj = E::put(acc);
         }
     });
     out
@@ -296,13 +254,13 @@ impl CustomOp3 for SmallLinear {
         let (o1, o2, o3) = (l1.start_offset(), l2.start_offset(), l3.start_offset());
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(
-                small_linear_cpu::<f32, f32>(&x[o1..], &w[o2..], &b[o3..], rows, k, n),
+                small_linear_cpu::<f32>(&x[o1..], &w[o2..], &b[o3..], rows, k, n),
             ),
             (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => CpuStorage::BF16(
-                small_linear_cpu::<bf16, f32>(&x[o1..], &w[o2..], &b[o3..], rows, k, n),
+                small_linear_cpu::<bf16>(&x[o1..], &w[o2..], &b[o3..], rows, k, n),
             ),
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(
-                small_linear_cpu::<f64, f64>(&x[o1..], &w[o2..], &b[o3..], rows, k, n),
+                small_linear_cpu::<f64>(&x[o1..], &w[o2..], &b[o3..], rows, k, n),
             ),
             _ => bail!("small linear: unsupported or mixed dtypes {:?}", s1.dtype()),
         };
@@ -361,35 +319,6 @@ pub fn small_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// log(sigmoid(v)) = min(v, 0) - log1p(exp(-|v|)).
 fn log_sigmoid_f64(v: f64) -> f64 {
     v.min(0.0) - (-v.abs()).exp().ln_1p()
-}
-
-trait Real: Copy + Send + Sync + 'static {
-    fn get(self) -> f64;
-    fn put(v: f64) -> Self;
-}
-impl Real for f32 {
-    fn get(self) -> f64 {
-        self as f64
-    }
-    fn put(v: f64) -> Self {
-        v as f32
-    }
-}
-impl Real for f64 {
-    fn get(self) -> f64 {
-        self
-    }
-    fn put(v: f64) -> Self {
-        v
-    }
-}
-impl Real for bf16 {
-    fn get(self) -> f64 {
-        self.to_f64()
-    }
-    fn put(v: f64) -> Self {
-        bf16::from_f64(v)
-    }
 }
 
 struct CouplingApply;
