@@ -494,11 +494,6 @@ pub fn matmul_relu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.matmul(w)?.relu()
 }
 
-/// The compute dtype every op here supports.
-pub fn supported(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::BF16 | DType::F64)
-}
-
 // ---------------------------------------------------------------------------------------------
 // CUDA
 
