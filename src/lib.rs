@@ -5,9 +5,11 @@
 //!   and training.
 //! - [`device`]: `--device auto|cpu|cuda:N`.
 //! - [`bench`]: scoring throughput measurements behind `glowwatch bench`.
+//! - [`train`]: training (so far the optimizer of the method's recipe).
 //! - [`cli`]: the command-line interface (`main.rs` only calls into it).
 
 pub mod bench;
 pub mod cli;
 pub mod device;
 pub mod glow;
+pub mod train;
