@@ -164,7 +164,8 @@ pub struct BenchOptions {
     pub mode: BenchMode,
 }
 
-fn random_batch(cfg: &GlowConfig, n: usize, seed: u64, device: &Device) -> Result<Tensor> {
+/// `n` images of uniformly random 8-bit pixels from `seed`, as scoring inputs on `device`.
+pub fn random_batch(cfg: &GlowConfig, n: usize, seed: u64, device: &Device) -> Result<Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
     let px: Vec<u8> = (0..n * cfg.dims()).map(|_| rng.random::<u8>()).collect();
     pixels_to_tensor(&px, cfg, BIN_CENTRE, device)

@@ -5,12 +5,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::Subcommand;
-use rand::{Rng, SeedableRng, rngs::StdRng};
 
+use crate::bench::random_batch;
 use crate::device::DeviceSpec;
-use crate::glow::config::GlowConfig;
 use crate::glow::file::now_rfc3339;
-use crate::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
 use crate::glow::{GlowModel, ModelCard};
 
 /// Model-file subcommands.
@@ -74,7 +72,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             let cfg = super::bench::named_config(&config)?;
             let mut model = GlowModel::new_random(&cfg, seed, &Device::Cpu)?;
             if !no_init {
-                model.init_from_data(&noise_batch(&cfg, 64, seed)?)?;
+                model.init_from_data(&random_batch(&cfg, 64, seed ^ 0x5eed, &Device::Cpu)?)?;
             }
             model.card = ModelCard {
                 name,
@@ -110,12 +108,6 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn noise_batch(cfg: &GlowConfig, n: usize, seed: u64) -> Result<candle_core::Tensor> {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-    let px: Vec<u8> = (0..n * cfg.dims()).map(|_| rng.random()).collect();
-    Ok(pixels_to_tensor(&px, cfg, BIN_CENTRE, &Device::Cpu)?)
 }
 
 /// Writes (N, C, S, S) model-space images as a square PNG grid (k = round((x + 0.5) * 256)).

@@ -142,6 +142,18 @@ fn mat_tensor(m: &DMatrix<f64>) -> Result<Tensor> {
     )?)
 }
 
+/// An ActNorm after a linear map, as per-output (scale, bias) to fold into that map:
+/// `exp(s) * (y + loc) = exp(s) * y + exp(s) * loc`.
+fn folded_actnorm(norm: &super::actnorm::ActNorm) -> Result<(Vec<f64>, Vec<f64>)> {
+    let scale: Vec<f64> = to_vec(&norm.logs)?.iter().map(|v| v.exp()).collect();
+    let bias = to_vec(&norm.loc)?
+        .iter()
+        .zip(&scale)
+        .map(|(l, e)| l * e)
+        .collect();
+    Ok((scale, bias))
+}
+
 /// A (Cout, Cin, 3, 3) conv weight as f64 values indexed [o][ci][dy][dx].
 fn conv_values(w: &Tensor) -> Result<(Vec<f64>, usize, usize)> {
     let (o, i, _, _) = w.dims4()?;
@@ -205,12 +217,7 @@ impl GlowScorer {
                 let mix_bias = &m * nalgebra::DVector::from_vec(loc);
 
                 let cp = &step.coupling;
-                let e1: Vec<f64> = to_vec(&cp.norm1.logs)?.iter().map(|v| v.exp()).collect();
-                let b1: Vec<f64> = to_vec(&cp.norm1.loc)?
-                    .iter()
-                    .zip(&e1)
-                    .map(|(l, e)| l * e)
-                    .collect();
+                let (e1, b1) = folded_actnorm(&cp.norm1)?;
                 let (w1, hidden, cin) = conv_values(&cp.conv1)?;
                 let one = hidden; // index of the constant-1 hidden unit
                 let wide = (hidden + 1).next_multiple_of(8);
@@ -224,12 +231,7 @@ impl GlowScorer {
                     _ => 0.0,
                 });
 
-                let e2: Vec<f64> = to_vec(&cp.norm2.logs)?.iter().map(|v| v.exp()).collect();
-                let b2: Vec<f64> = to_vec(&cp.norm2.loc)?
-                    .iter()
-                    .zip(&e2)
-                    .map(|(l, e)| l * e)
-                    .collect();
+                let (e2, b2) = folded_actnorm(&cp.norm2)?;
                 let w2 = to_matrix(&cp.conv2)?; // (out, in)
                 let conv2 = DMatrix::from_fn(wide, wide, |i, o| match (i, o) {
                     (i, o) if i < hidden && o < hidden => e2[o] * w2[(o, i)],
