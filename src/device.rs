@@ -6,9 +6,10 @@ use std::str::FromStr;
 use candle_core::Device;
 
 /// A user's device choice, parsed from `auto`, `cpu`, `cuda` or `cuda:N`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
     /// CUDA device 0 if available, else the CPU.
+    #[default]
     Auto,
     /// The CPU.
     Cpu,

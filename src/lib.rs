@@ -11,5 +11,8 @@
 pub mod bench;
 pub mod cli;
 pub mod device;
+pub mod eval;
+pub mod fsutil;
 pub mod glow;
+pub mod pipeline;
 pub mod train;

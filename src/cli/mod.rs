@@ -1,8 +1,11 @@
 //! Command-line interface: one file per subcommand; `main.rs` only calls [`main`].
 
 mod bench;
+mod calibrate;
 mod doctor;
+mod eval;
 mod model;
+mod train;
 
 use std::process::ExitCode;
 
@@ -25,6 +28,12 @@ enum Command {
     /// Create and inspect model files.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Train a general model, fine-tune an in-distribution model, optionally with the outlier loss.
+    Train(Box<train::TrainArgs>),
+    /// AUROC / AUPR / FPR95 of every score: in-distribution test set vs OOD sets, with a report.
+    Eval(eval::EvalArgs),
+    /// Pick a score's threshold at a target false-positive rate from in-distribution data.
+    Calibrate(calibrate::CalibrateArgs),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -34,6 +43,9 @@ pub fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Doctor(a) => doctor::run(a),
         Command::Model(c) => model::run(c),
+        Command::Train(a) => train::run(*a),
+        Command::Eval(a) => eval::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

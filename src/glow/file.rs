@@ -148,6 +148,23 @@ impl GlowModel {
         GlowScorer::with_state_dtype(&self.glow, device, dtype, state)
     }
 
+    /// The trainable variables (everything but the fixed permutation and signs of the 1x1
+    /// convs), sorted by name so optimizer state lines up across runs and checkpoints.
+    pub fn trainable_vars(&self) -> Vec<(String, candle_core::Var)> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        let mut named: Vec<(String, candle_core::Var)> = data
+            .iter()
+            .filter(|(k, _)| {
+                !super::invconv::FIXED_PARAMS
+                    .iter()
+                    .any(|f| k.ends_with(&format!(".{f}")))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+    }
+
     /// Number of parameters (trainable and fixed).
     pub fn param_count(&self) -> usize {
         self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
@@ -198,18 +215,8 @@ impl GlowModel {
         let bytes =
             safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
                 .map_err(|e| file_err(format!("cannot serialise: {e}")))?;
-        let tmp = path.with_extension("safetensors.tmp");
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        };
-        write().map_err(|e| file_err(format!("cannot write: {e}")))?;
+        crate::fsutil::write_atomic(path, &bytes)
+            .map_err(|e| file_err(format!("cannot write: {e}")))?;
         Ok(id)
     }
 

@@ -1,7 +1,42 @@
-//! Training (issue: model lifecycle). So far: the optimizer of the method's recipe. The training
-//! loop, data loading, outlier loss and checkpoints build on it and on
-//! [`crate::glow::Glow::scale_log_p`], the differentiable channels-last likelihood.
+//! Training: the method's recipe (dequantisation noise, translation/flip augmentation, Adamax
+//! with coupled weight decay, skipped non-finite steps, data-dependent ActNorm init) on the same
+//! model code that scores ([`crate::glow::Glow::scale_log_p`] is the differentiable likelihood),
+//! reading data through the pipeline's source and decode stages.
+//!
+//! - [`data`]: Parquet image datasets, stable splits, seeded shuffled epochs, augmentation.
+//! - [`trainer`]: the loop (three modes: from scratch, fine-tune, fine-tune with outlier loss).
+//! - [`checkpoint`]: checkpoints and exact resume.
+//! - [`optimizer`]: Adamax.
+//! - [`progress`]: progress bar or JSON lines.
 
+pub mod checkpoint;
+pub mod data;
 pub mod optimizer;
+pub mod progress;
+pub mod trainer;
 
 pub use optimizer::{Adamax, AdamaxConfig, StepOutcome};
+pub use trainer::{OutlierLoss, TrainOptions, TrainReport, Trainer};
+
+/// Errors of training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Model core error.
+    #[error(transparent)]
+    Glow(#[from] crate::glow::GlowError),
+    /// Data reading error.
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    /// Tensor error.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A checkpoint could not be written or read.
+    #[error("checkpoint {0}")]
+    Checkpoint(String),
+    /// The data yields nothing to train on.
+    #[error("no data: {0}")]
+    NoData(String),
+}
+
+/// Result alias of training.
+pub type TrainResult<T> = std::result::Result<T, TrainError>;

@@ -1,0 +1,182 @@
+//! Evaluation and calibration of scores:
+//! - [`metrics`]: AUROC / AUPR / FPR at 95 % TPR with exact tie handling;
+//! - [`calibration`]: decision thresholds from in-distribution data only;
+//! - [`report`]: HTML report with score histograms and ROC curves (plotters, SVG).
+
+pub mod calibration;
+pub mod metrics;
+pub mod report;
+
+use serde::Serialize;
+
+use crate::glow::bits_per_dim;
+use crate::pipeline::score::{ImageScores, ScoreKind};
+pub use metrics::{DetectionMetrics, detection_metrics, roc_curve};
+
+/// Scores of one image set under the models.
+#[derive(Debug, Clone)]
+pub struct ScoredSet {
+    /// Name (e.g. `fashion_mnist_test`, `mnist`).
+    pub name: String,
+    /// Per-image scores.
+    pub scores: Vec<ImageScores>,
+}
+
+impl ScoredSet {
+    /// Values of `kind` for every image.
+    pub fn values(&self, kind: ScoreKind) -> Vec<f64> {
+        self.scores.iter().map(|s| kind.value(s)).collect()
+    }
+
+    /// Mean bits/dim under the in-distribution model (finite values only).
+    pub fn mean_bpd(&self, dims: usize) -> f64 {
+        let v: Vec<f64> = self
+            .scores
+            .iter()
+            .map(|s| bits_per_dim(s.log_p_in(), dims))
+            .filter(|v| v.is_finite())
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    }
+}
+
+/// Metrics of one score against one OOD set.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreResult {
+    /// The score.
+    pub score: ScoreKind,
+    /// The OOD set.
+    pub ood: String,
+    /// Its metrics.
+    #[serde(flatten)]
+    pub metrics: DetectionMetrics,
+}
+
+/// Everything `glowwatch eval` measures.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// In-distribution model id.
+    pub in_model: String,
+    /// General model id, if any.
+    pub general_model: Option<String>,
+    /// In-distribution set name and size.
+    pub in_set: (String, usize),
+    /// OOD set names and sizes.
+    pub ood_sets: Vec<(String, usize)>,
+    /// Mean bits/dim under the in-distribution model, per set (in-distribution first).
+    pub mean_bpd: Vec<(String, f64)>,
+    /// Mean bits/dim under the general model, per set, if any.
+    pub mean_bpd_general: Vec<(String, f64)>,
+    /// One row per (score, OOD set).
+    pub results: Vec<ScoreResult>,
+}
+
+impl EvalReport {
+    /// Scores every set and computes every metric.
+    pub fn compute(
+        in_model: &str,
+        general_model: Option<&str>,
+        dims: usize,
+        scales: usize,
+        in_set: &ScoredSet,
+        oods: &[ScoredSet],
+    ) -> Self {
+        let kinds = ScoreKind::all(scales, general_model.is_some());
+        let mut results = Vec::new();
+        for &k in &kinds {
+            let neg = in_set.values(k);
+            for o in oods {
+                results.push(ScoreResult {
+                    score: k,
+                    ood: o.name.clone(),
+                    metrics: detection_metrics(&neg, &o.values(k)),
+                });
+            }
+        }
+        let sets = std::iter::once(in_set).chain(oods.iter());
+        let gen_bpd = |s: &ScoredSet| {
+            let v: Vec<f64> = s
+                .scores
+                .iter()
+                .filter_map(|x| x.log_p_gen())
+                .map(|lp| bits_per_dim(lp, dims))
+                .filter(|v| v.is_finite())
+                .collect();
+            v.iter().sum::<f64>() / v.len().max(1) as f64
+        };
+        Self {
+            in_model: in_model.into(),
+            general_model: general_model.map(String::from),
+            in_set: (in_set.name.clone(), in_set.scores.len()),
+            ood_sets: oods
+                .iter()
+                .map(|o| (o.name.clone(), o.scores.len()))
+                .collect(),
+            mean_bpd: sets
+                .clone()
+                .map(|s| (s.name.clone(), s.mean_bpd(dims)))
+                .collect(),
+            mean_bpd_general: if general_model.is_some() {
+                sets.map(|s| (s.name.clone(), gen_bpd(s))).collect()
+            } else {
+                Vec::new()
+            },
+            results,
+        }
+    }
+
+    /// The best score by AUROC against `ood` (or the first OOD set).
+    pub fn best(&self, ood: Option<&str>) -> Option<&ScoreResult> {
+        let ood = ood.or(self.ood_sets.first().map(|o| o.0.as_str()))?;
+        self.results
+            .iter()
+            .filter(|r| r.ood == ood)
+            .max_by(|a, b| a.metrics.auroc.total_cmp(&b.metrics.auroc))
+    }
+
+    /// A fixed-width table: one row per score, AUROC / AUPR / FPR95 per OOD set.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = write!(s, "{:<14}", "score");
+        for (o, _) in &self.ood_sets {
+            let _ = write!(s, " | {:^26}", format!("vs {o}"));
+        }
+        s.push('\n');
+        let _ = write!(s, "{:<14}", "");
+        for _ in &self.ood_sets {
+            let _ = write!(s, " | {:>8}{:>8}{:>10}", "AUROC", "AUPR", "FPR95");
+        }
+        s.push('\n');
+        s.push_str(&"-".repeat(14 + 29 * self.ood_sets.len()));
+        s.push('\n');
+        let mut kinds: Vec<ScoreKind> = self.results.iter().map(|r| r.score).collect();
+        kinds.dedup();
+        for k in kinds {
+            let _ = write!(s, "{:<14}", k.to_string());
+            for (o, _) in &self.ood_sets {
+                if let Some(r) = self.results.iter().find(|r| r.score == k && &r.ood == o) {
+                    let m = &r.metrics;
+                    let _ = write!(
+                        s,
+                        " | {:>8.4}{:>8.4}{:>10.4}",
+                        m.auroc, m.aupr, m.fpr_at_95_tpr
+                    );
+                }
+            }
+            s.push('\n');
+        }
+        let _ = write!(s, "mean bpd (in-distribution model):");
+        for (n, b) in &self.mean_bpd {
+            let _ = write!(s, " {n} {b:.3};");
+        }
+        if !self.mean_bpd_general.is_empty() {
+            let _ = write!(s, "\nmean bpd (general model):");
+            for (n, b) in &self.mean_bpd_general {
+                let _ = write!(s, " {n} {b:.3};");
+            }
+        }
+        s.push('\n');
+        s
+    }
+}

@@ -1,0 +1,38 @@
+//! The scoring path, one stage per module: [`source`] (Parquet files, row group by row group) ->
+//! [`decode`] (image bytes -> model-sized 8-bit pixels, failures become dead-letter reasons) ->
+//! score -> flag -> sinks. Training reads its data through the same source and decode code.
+
+pub mod decode;
+pub mod score;
+pub mod source;
+
+/// Errors of the pipeline stages; each names the file, column or key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A file could not be opened or read.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A Parquet file could not be read.
+    #[error("{path}: {source}")]
+    Parquet {
+        path: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    /// An Arrow operation failed.
+    #[error(transparent)]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// The input does not have the columns or types the stage needs.
+    #[error("schema: {0}")]
+    Schema(String),
+    /// An error of the model core.
+    #[error(transparent)]
+    Glow(#[from] crate::glow::GlowError),
+}
+
+/// Result alias of the pipeline.
+pub type Result<T> = std::result::Result<T, PipelineError>;

@@ -1,0 +1,194 @@
+//! Parquet source: one or many files, or directories searched recursively for `*.parquet`,
+//! read one row group at a time so memory is bounded by a row group, not by the dataset.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::pipeline::{PipelineError, Result};
+
+/// One row group of one file, with its position in the whole source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowGroupRef {
+    /// Index into [`ParquetSource::files`].
+    pub file: usize,
+    /// Row group index within that file.
+    pub index: usize,
+    /// Rows in the row group.
+    pub rows: usize,
+    /// Row number of its first row within its file.
+    pub first_row: u64,
+}
+
+/// A set of Parquet files sharing one Arrow schema.
+#[derive(Debug, Clone)]
+pub struct ParquetSource {
+    files: Vec<PathBuf>,
+    schema: SchemaRef,
+    row_groups: Vec<RowGroupRef>,
+}
+
+fn parquet_err(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> PipelineError + '_ {
+    move |source| PipelineError::Parquet {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn open(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+    let f = File::open(path).map_err(|source| PipelineError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    ParquetRecordBatchReaderBuilder::try_new(f).map_err(parquet_err(path))
+}
+
+fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|source| PipelineError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if meta.is_file() {
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|source| PipelineError::Io {
+            path: path.display().to_string(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for e in entries {
+        let name = e.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        // Hidden and temporary files (e.g. a sink's in-progress `.tmp`) are not data.
+        if name.starts_with('.') || name.starts_with('_') {
+            continue;
+        }
+        if e.is_dir() {
+            collect_files(&e, out)?;
+        } else if name.ends_with(".parquet") {
+            out.push(e);
+        }
+    }
+    Ok(())
+}
+
+impl ParquetSource {
+    /// Opens files and directories (recursively, sorted by path). Every file must have the
+    /// same Arrow schema as the first.
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        for p in paths {
+            collect_files(p, &mut files)?;
+        }
+        if files.is_empty() {
+            return Err(PipelineError::Schema(format!(
+                "no Parquet files found in {}",
+                paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let mut schema: Option<SchemaRef> = None;
+        let mut row_groups = Vec::new();
+        for (fi, path) in files.iter().enumerate() {
+            let b = open(path)?;
+            match &schema {
+                None => schema = Some(b.schema().clone()),
+                Some(s) if s.fields() != b.schema().fields() => {
+                    return Err(PipelineError::Schema(format!(
+                        "{} has schema {:?}, but {} has {:?}",
+                        path.display(),
+                        b.schema().fields(),
+                        files[0].display(),
+                        s.fields()
+                    )));
+                }
+                Some(_) => {}
+            }
+            let mut first_row = 0u64;
+            for (index, rg) in b.metadata().row_groups().iter().enumerate() {
+                let rows = rg.num_rows() as usize;
+                row_groups.push(RowGroupRef {
+                    file: fi,
+                    index,
+                    rows,
+                    first_row,
+                });
+                first_row += rows as u64;
+            }
+        }
+        Ok(Self {
+            files,
+            schema: schema.expect("at least one file"),
+            row_groups,
+        })
+    }
+
+    /// The files, in reading order.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// The Arrow schema shared by every file.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// Every row group of every file, in file order.
+    pub fn row_groups(&self) -> &[RowGroupRef] {
+        &self.row_groups
+    }
+
+    /// Total number of rows.
+    pub fn total_rows(&self) -> u64 {
+        self.row_groups.iter().map(|r| r.rows as u64).sum()
+    }
+
+    /// Checks that `column` exists; returns its index.
+    pub fn column_index(&self, column: &str) -> Result<usize> {
+        self.schema.index_of(column).map_err(|_| {
+            PipelineError::Schema(format!(
+                "{} has no column `{column}` (columns: {})",
+                self.files[0].display(),
+                self.schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    }
+
+    /// Reads one row group, only the named top-level columns, as one record batch.
+    pub fn read(&self, rg: &RowGroupRef, columns: &[&str]) -> Result<RecordBatch> {
+        let path = &self.files[rg.file];
+        let b = open(path)?;
+        let roots = columns
+            .iter()
+            .map(|c| self.column_index(c))
+            .collect::<Result<Vec<_>>>()?;
+        let mask = ProjectionMask::roots(b.parquet_schema(), roots);
+        let reader = b
+            .with_row_groups(vec![rg.index])
+            .with_projection(mask)
+            .with_batch_size(rg.rows.max(1))
+            .build()
+            .map_err(parquet_err(path))?;
+        let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+        let schema = match batches.first() {
+            Some(b) => b.schema(),
+            None => return Ok(RecordBatch::new_empty(self.schema.project(&[])?.into())),
+        };
+        Ok(arrow::compute::concat_batches(&schema, &batches)?)
+    }
+}
