@@ -5,6 +5,8 @@ mod calibrate;
 mod doctor;
 mod eval;
 mod model;
+mod run;
+mod score;
 mod train;
 
 use std::process::ExitCode;
@@ -34,6 +36,10 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Pick a score's threshold at a target false-positive rate from in-distribution data.
     Calibrate(calibrate::CalibrateArgs),
+    /// Run a pipeline (pipelines/*.toml): Parquet in -> decode -> score -> flag -> Parquet out.
+    Run(run::RunArgs),
+    /// One-off scoring: Parquet in, scored Parquet out (dead letters in <output>/_dead_letter).
+    Score(score::ScoreArgs),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -46,6 +52,8 @@ pub fn main() -> ExitCode {
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Calibrate(a) => calibrate::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Score(a) => score::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,8 +5,14 @@
 
 use std::io::Cursor;
 
-use arrow::array::{Array, ArrayRef, AsArray};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, StringArray, TimestampMicrosecondArray, UInt32Array,
+    UInt64Array,
+};
 use arrow::datatypes::DataType;
+use arrow::record_batch::RecordBatch;
 use image::{ImageReader, Limits};
 use rayon::prelude::*;
 
@@ -174,6 +180,111 @@ pub fn decode_array(
             Some(b) => decode_image(b, cfg, limits),
         })
         .collect())
+}
+
+/// Where a batch came from: its coordinates for dead-letter rows and reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchOrigin {
+    /// Source file (or topic/partition).
+    pub source: String,
+    /// Row group within the file, when the source has them.
+    pub row_group: Option<u64>,
+    /// Row number (within the file) of the batch's first row.
+    pub first_row: u64,
+}
+
+/// A batch after decoding: the decodable input rows with their pixels, and dead-letter
+/// records for the rest. Every input row is in exactly one of the two.
+#[derive(Debug, Clone)]
+pub struct DecodedBatch {
+    /// Coordinates of the input batch.
+    pub origin: BatchOrigin,
+    /// Input rows that decoded (all input columns, in input order).
+    pub rows: RecordBatch,
+    /// Their (C, S, S) pixels, concatenated.
+    pub pixels: Vec<u8>,
+    /// Dead-letter records (schema [`crate::pipeline::schema::dead_letter_schema`]).
+    pub dead: RecordBatch,
+    /// Dead-letter reasons, one per dead row (for counting).
+    pub reasons: Vec<DecodeReason>,
+}
+
+/// Decodes a batch of input records (columns `image_column` and optionally `id_column`),
+/// splitting it into decodable rows and dead-letter records with reason, detail, coordinates
+/// and the original bytes.
+pub fn decode_batch(
+    origin: BatchOrigin,
+    batch: &RecordBatch,
+    image_column: &str,
+    id_column: &str,
+    cfg: &GlowConfig,
+    limits: &DecodeLimits,
+    at: std::time::SystemTime,
+) -> Result<DecodedBatch> {
+    let images = batch
+        .column_by_name(image_column)
+        .ok_or_else(|| PipelineError::Schema(format!("input has no column `{image_column}`")))?;
+    let decoded = decode_array(images, cfg, limits)?;
+    let bytes = binary_values(images)?;
+    let ids: Option<Vec<Option<String>>> = match batch.column_by_name(id_column) {
+        Some(a) => {
+            let s = arrow::compute::cast(a, &DataType::Utf8)?;
+            let s = s.as_string::<i32>();
+            Some(
+                (0..s.len())
+                    .map(|i| s.is_valid(i).then(|| s.value(i).to_string()))
+                    .collect(),
+            )
+        }
+        None => None,
+    };
+    let mut ok_idx = Vec::new();
+    let mut pixels = Vec::new();
+    let (mut d_id, mut d_reason, mut d_detail, mut d_row, mut d_img) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut reasons = Vec::new();
+    for (i, d) in decoded.into_iter().enumerate() {
+        match d {
+            Ok(px) => {
+                ok_idx.push(i as u32);
+                pixels.extend_from_slice(&px);
+            }
+            Err(f) => {
+                d_id.push(ids.as_ref().and_then(|v| v[i].clone()));
+                d_reason.push(f.reason.as_str());
+                d_detail.push(f.detail);
+                d_row.push(origin.first_row + i as u64);
+                d_img.push(bytes[i]);
+                reasons.push(f.reason);
+            }
+        }
+    }
+    let rows = arrow::compute::take_record_batch(batch, &UInt32Array::from(ok_idx))?;
+    let n = d_id.len();
+    let micros = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    let dead = RecordBatch::try_new(
+        crate::pipeline::schema::dead_letter_schema(),
+        vec![
+            Arc::new(StringArray::from(d_id)),
+            Arc::new(StringArray::from(d_reason)),
+            Arc::new(StringArray::from(d_detail)),
+            Arc::new(StringArray::from(vec![origin.source.as_str(); n])),
+            Arc::new(UInt64Array::from(vec![origin.row_group; n])),
+            Arc::new(UInt64Array::from(d_row)),
+            Arc::new(BinaryArray::from(d_img)),
+            Arc::new(TimestampMicrosecondArray::from(vec![micros; n]).with_timezone("UTC")),
+        ],
+    )?;
+    Ok(DecodedBatch {
+        origin,
+        rows,
+        pixels,
+        dead,
+        reasons,
+    })
 }
 
 #[cfg(test)]

@@ -1,9 +1,15 @@
 //! The scoring path, one stage per module: [`source`] (Parquet files, row group by row group) ->
 //! [`decode`] (image bytes -> model-sized 8-bit pixels, failures become dead-letter reasons) ->
-//! score -> flag -> sinks. Training reads its data through the same source and decode code.
+//! [`score`] -> [`flag`] -> [`sink`]s, wired by [`run`] with bounded channels. Training reads
+//! its data through the same source and decode code. [`schema`] defines the records written.
 
+pub mod config;
 pub mod decode;
+pub mod flag;
+pub mod run;
+pub mod schema;
 pub mod score;
+pub mod sink;
 pub mod source;
 
 /// Errors of the pipeline stages; each names the file, column or key it is about.
@@ -26,6 +32,12 @@ pub enum PipelineError {
     /// An Arrow operation failed.
     #[error(transparent)]
     Arrow(#[from] arrow::error::ArrowError),
+    /// A pipeline config is invalid (names the key).
+    #[error("pipeline config: {0}")]
+    Config(String),
+    /// A stage thread failed or stopped unexpectedly.
+    #[error("pipeline stage {0}")]
+    Stage(String),
     /// The input does not have the columns or types the stage needs.
     #[error("schema: {0}")]
     Schema(String),

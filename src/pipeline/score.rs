@@ -4,9 +4,13 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
 
 use candle_core::{DType, Device};
 
+use super::flag::{Flag, Flagger};
 use crate::glow::config::GlowConfig;
 use crate::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
 use crate::glow::{GlowError, GlowModel, GlowScorer};
@@ -219,6 +223,76 @@ impl ModelScorer {
         }
         Ok(out)
     }
+}
+
+/// Appends the score and flag columns ([`crate::pipeline::schema::score_fields`]) to the
+/// decodable input rows. Returns the scored batch and each row's flag.
+pub fn scored_batch(
+    rows: &RecordBatch,
+    scores: &[ImageScores],
+    scorer: &ModelScorer,
+    flagger: &Flagger,
+    at: std::time::SystemTime,
+) -> Result<(RecordBatch, Vec<Flag>), crate::pipeline::PipelineError> {
+    use arrow::array::{
+        ArrayRef, BooleanArray, Float64Array, StringArray, TimestampMicrosecondArray,
+    };
+    let n = rows.num_rows();
+    if scores.len() != n {
+        return Err(crate::pipeline::PipelineError::Stage(format!(
+            "score: {} scores for {n} rows",
+            scores.len()
+        )));
+    }
+    let l = scorer.scales();
+    let dims = scorer.config().dims();
+    let f64s = |f: &dyn Fn(&ImageScores) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from_iter_values(scores.iter().map(f)))
+    };
+    let opt = |f: &dyn Fn(&ImageScores) -> Option<f64>| -> ArrayRef {
+        Arc::new(Float64Array::from_iter(scores.iter().map(f)))
+    };
+    let mut cols: Vec<ArrayRef> = rows.columns().to_vec();
+    cols.push(f64s(&|s| s.log_p_in()));
+    cols.push(f64s(&|s| crate::glow::bits_per_dim(s.log_p_in(), dims)));
+    for k in 0..l {
+        cols.push(f64s(&|s| s.lp_in[k]));
+    }
+    cols.push(opt(&|s| s.log_p_gen()));
+    for k in 0..l {
+        cols.push(opt(&|s| s.lp_gen.as_ref().map(|g| g[k])));
+    }
+    cols.push(opt(&|s| s.log_p_gen().map(|g| g - s.log_p_in())));
+    for k in 0..l {
+        cols.push(opt(&|s| s.lp_gen.as_ref().map(|g| g[k] - s.lp_in[k])));
+    }
+    let flags: Vec<Flag> = scores.iter().map(|s| flagger.flag(s)).collect();
+    let name = flagger.score.to_string();
+    cols.push(Arc::new(StringArray::from(vec![name.as_str(); n])));
+    cols.push(Arc::new(Float64Array::from_iter_values(
+        flags.iter().map(|f| f.score),
+    )));
+    cols.push(Arc::new(Float64Array::from(vec![flagger.threshold; n])));
+    cols.push(Arc::new(BooleanArray::from(
+        flags.iter().map(|f| f.is_ood).collect::<Vec<_>>(),
+    )));
+    cols.push(Arc::new(StringArray::from(vec![scorer.in_model_id(); n])));
+    cols.push(Arc::new(StringArray::from(vec![
+        scorer.general_model_id();
+        n
+    ])));
+    let micros = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    cols.push(Arc::new(
+        TimestampMicrosecondArray::from(vec![micros; n]).with_timezone("UTC"),
+    ));
+    cols.push(Arc::new(StringArray::from_iter_values(
+        flags.iter().map(|f| f.status.as_str()),
+    )));
+    let schema = crate::pipeline::schema::scored_schema(&rows.schema(), l);
+    Ok((RecordBatch::try_new(schema, cols)?, flags))
 }
 
 #[cfg(test)]

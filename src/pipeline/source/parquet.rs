@@ -4,7 +4,9 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use arrow::datatypes::SchemaRef;
+use std::sync::Arc;
+
+use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -79,6 +81,14 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+fn describe(s: &Schema) -> String {
+    s.fields()
+        .iter()
+        .map(|f| format!("{}: {}", f.name(), f.data_type()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl ParquetSource {
     /// Opens files and directories (recursively, sorted by path). Every file must have the
     /// same Arrow schema as the first.
@@ -97,22 +107,38 @@ impl ParquetSource {
                     .join(", ")
             )));
         }
-        let mut schema: Option<SchemaRef> = None;
+        let mut schema: Option<Schema> = None;
         let mut row_groups = Vec::new();
         for (fi, path) in files.iter().enumerate() {
             let b = open(path)?;
-            match &schema {
-                None => schema = Some(b.schema().clone()),
-                Some(s) if s.fields() != b.schema().fields() => {
-                    return Err(PipelineError::Schema(format!(
-                        "{} has schema {:?}, but {} has {:?}",
-                        path.display(),
-                        b.schema().fields(),
-                        files[0].display(),
-                        s.fields()
-                    )));
+            let this = b.schema();
+            match &mut schema {
+                None => schema = Some(this.as_ref().clone()),
+                Some(s) => {
+                    let key =
+                        |f: &arrow::datatypes::FieldRef| (f.name().clone(), f.data_type().clone());
+                    if s.fields().iter().map(key).ne(this.fields().iter().map(key)) {
+                        return Err(PipelineError::Schema(format!(
+                            "{} has columns {}, but {} has {}",
+                            path.display(),
+                            describe(this),
+                            files[0].display(),
+                            describe(s)
+                        )));
+                    }
+                    // Same names and types; a column nullable in any file is nullable.
+                    let fields: Vec<Field> = s
+                        .fields()
+                        .iter()
+                        .zip(this.fields())
+                        .map(|(a, b)| {
+                            a.as_ref()
+                                .clone()
+                                .with_nullable(a.is_nullable() || b.is_nullable())
+                        })
+                        .collect();
+                    *s = Schema::new_with_metadata(fields, s.metadata().clone());
                 }
-                Some(_) => {}
             }
             let mut first_row = 0u64;
             for (index, rg) in b.metadata().row_groups().iter().enumerate() {
@@ -128,7 +154,7 @@ impl ParquetSource {
         }
         Ok(Self {
             files,
-            schema: schema.expect("at least one file"),
+            schema: Arc::new(schema.expect("at least one file")),
             row_groups,
         })
     }
@@ -177,7 +203,7 @@ impl ParquetSource {
             .iter()
             .map(|c| self.column_index(c))
             .collect::<Result<Vec<_>>>()?;
-        let mask = ProjectionMask::roots(b.parquet_schema(), roots);
+        let mask = ProjectionMask::roots(b.parquet_schema(), roots.clone());
         let reader = b
             .with_row_groups(vec![rg.index])
             .with_projection(mask)
@@ -185,10 +211,14 @@ impl ParquetSource {
             .build()
             .map_err(parquet_err(path))?;
         let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
-        let schema = match batches.first() {
-            Some(b) => b.schema(),
-            None => return Ok(RecordBatch::new_empty(self.schema.project(&[])?.into())),
+        // Batches carry the source's merged schema (nullability widened over all files).
+        let mut roots_sorted = roots;
+        roots_sorted.sort_unstable();
+        let schema = Arc::new(self.schema.project(&roots_sorted)?);
+        let Some(first) = batches.first() else {
+            return Ok(RecordBatch::new_empty(schema));
         };
-        Ok(arrow::compute::concat_batches(&schema, &batches)?)
+        let batch = arrow::compute::concat_batches(&first.schema(), &batches)?;
+        Ok(RecordBatch::try_new(schema, batch.columns().to_vec())?)
     }
 }
