@@ -370,6 +370,14 @@ pub fn profile_table(rows: &[BenchRow]) -> String {
     out
 }
 
+/// Peak resident set size of this process in MiB (Linux: `VmHWM` of /proc/self/status).
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -309,7 +309,7 @@ fn undecodable_rows_are_skipped_counted_and_named() {
             .unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
-    let data = ImageDataset::open(&[path.clone()], "image", "id", &tiny()).unwrap();
+    let data = ImageDataset::open(std::slice::from_ref(&path), "image", "id", &tiny()).unwrap();
     let mut skipped = SkippedRows::default();
     let read = data.read_head(100, &mut skipped).unwrap();
     assert_eq!(read.ids, vec!["ok-1", "ok-2"]);
@@ -327,7 +327,7 @@ fn undecodable_rows_are_skipped_counted_and_named() {
     };
     assert_eq!(n(Split::Train(0.5)) + n(Split::Holdout(0.5)), 2);
     // A file without an image column, or with the wrong type, fails before any work.
-    let err = ImageDataset::open(&[path.clone()], "pixels", "id", &tiny())
+    let err = ImageDataset::open(std::slice::from_ref(&path), "pixels", "id", &tiny())
         .err()
         .unwrap()
         .to_string();

@@ -91,6 +91,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     print!("{}", table(&rows));
     print!("{}", profile_table(&rows));
+    if let Some(mib) = crate::bench::peak_rss_mib() {
+        println!("peak resident memory of this process: {mib:.0} MiB");
+    }
     if let Some(path) = a.json {
         std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -10,6 +10,7 @@ use super::eval::{load_scorer, named_path, score_set};
 use crate::device::DeviceSpec;
 use crate::eval::calibration::{Calibration, calibrate};
 use crate::pipeline::score::ScoreKind;
+use crate::train::data::Split;
 
 /// Arguments of `glowwatch calibrate`.
 #[derive(Debug, Args)]
@@ -29,6 +30,10 @@ pub struct CalibrateArgs {
     /// Target false-positive rate.
     #[arg(long, default_value_t = 0.01)]
     pub fpr: f64,
+    /// Use only the rows `glowwatch train --val-fraction F` held out of the same file (rows
+    /// the model never trained on).
+    #[arg(long)]
+    pub holdout: Option<f64>,
     /// Use at most this many images.
     #[arg(long)]
     pub max_rows: Option<usize>,
@@ -58,7 +63,8 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         );
     }
     let (name, _) = named_path(&a.data.display().to_string());
-    let set = score_set(&scorer, &name, &a.data, &a.image_column, a.max_rows)?;
+    let split = a.holdout.map(Split::Holdout).unwrap_or(Split::All);
+    let set = score_set(&scorer, &name, &a.data, &a.image_column, a.max_rows, split)?;
     let out = a
         .out
         .clone()
@@ -78,7 +84,14 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     if a.score.iter().any(|s| s.needs_general()) || cal.general_model.is_some() {
         cal.general_model = scorer.general_model_id().map(String::from);
     }
-    let desc = format!("{} ({} images)", a.data.display(), set.scores.len());
+    let desc = format!(
+        "{}{} ({} images)",
+        a.data.display(),
+        a.holdout
+            .map(|f| format!(", rows held out by --val-fraction {f}"))
+            .unwrap_or_default(),
+        set.scores.len()
+    );
     for &s in &a.score {
         let t = calibrate(&set.values(s), a.fpr, &desc);
         println!(

@@ -11,7 +11,7 @@ use crate::device::DeviceSpec;
 use crate::eval::{EvalReport, ScoredSet, report};
 use crate::glow::GlowModel;
 use crate::pipeline::score::ModelScorer;
-use crate::train::data::{ImageDataset, SkippedRows};
+use crate::train::data::{ImageDataset, SkippedRows, Split};
 
 /// Arguments of `glowwatch eval`.
 #[derive(Debug, Args)]
@@ -67,8 +67,10 @@ pub(super) fn score_set(
     path: &Path,
     image_column: &str,
     max: Option<usize>,
+    split: Split,
 ) -> Result<ScoredSet> {
-    let data = ImageDataset::open(&[path.to_path_buf()], image_column, "id", scorer.config())?;
+    let data = ImageDataset::open(&[path.to_path_buf()], image_column, "id", scorer.config())?
+        .with_split(split);
     let mut skipped = SkippedRows::default();
     let batch = data.read_head(max.unwrap_or(usize::MAX), &mut skipped)?;
     if skipped.total() > 0 {
@@ -105,13 +107,20 @@ pub(super) fn load_scorer(
 pub fn run(a: EvalArgs) -> Result<()> {
     let scorer = load_scorer(&a.model, a.general.as_deref(), &a.device, a.batch)?;
     let (in_name, _) = named_path(&a.in_data.display().to_string());
-    let in_set = score_set(&scorer, &in_name, &a.in_data, &a.image_column, a.max_rows)?;
+    let in_set = score_set(
+        &scorer,
+        &in_name,
+        &a.in_data,
+        &a.image_column,
+        a.max_rows,
+        Split::All,
+    )?;
     let oods = a
         .ood
         .iter()
         .map(|s| {
             let (n, p) = named_path(s);
-            score_set(&scorer, &n, &p, &a.image_column, a.max_rows)
+            score_set(&scorer, &n, &p, &a.image_column, a.max_rows, Split::All)
         })
         .collect::<Result<Vec<_>>>()?;
     let rep = EvalReport::compute(

@@ -1,9 +1,11 @@
 //! Command-line interface: one file per subcommand; `main.rs` only calls [`main`].
 
 mod bench;
+mod bench_pipeline;
 mod calibrate;
 mod doctor;
 mod eval;
+mod import;
 mod model;
 mod run;
 mod score;
@@ -40,6 +42,10 @@ enum Command {
     Run(run::RunArgs),
     /// One-off scoring: Parquet in, scored Parquet out (dead letters in <output>/_dead_letter).
     Score(score::ScoreArgs),
+    /// Turn an image folder (PNG/JPEG) or IDX files into Parquet of the input schema.
+    Import(import::ImportArgs),
+    /// Measure Parquet -> score -> Parquet throughput against pure scoring, decode speed, memory.
+    BenchPipeline(bench_pipeline::BenchPipelineArgs),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -54,6 +60,8 @@ pub fn main() -> ExitCode {
         Command::Calibrate(a) => calibrate::run(a),
         Command::Run(a) => run::run(a),
         Command::Score(a) => score::run(a),
+        Command::Import(a) => import::run(a),
+        Command::BenchPipeline(a) => bench_pipeline::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -100,6 +100,7 @@ pub struct TrainArgs {
     pub val_every: u64,
     /// Report progress every this many steps.
     #[arg(long, default_value_t = 10)]
+    #[serde(default = "default_log_every")]
     pub log_every: u64,
     /// Resume from a checkpoint directory (continues exactly; other flags come from it, except
     /// --max-time and --max-steps).
@@ -123,6 +124,10 @@ pub struct TrainArgs {
     pub report: Option<PathBuf>,
 }
 
+fn default_log_every() -> u64 {
+    10
+}
+
 /// Runs `glowwatch train`.
 pub fn run(mut a: TrainArgs) -> Result<()> {
     let device = a.device.open().map_err(anyhow::Error::msg)?;
@@ -135,7 +140,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             stored.max_time = a.max_time;
             stored.max_steps = a.max_steps.or(stored.max_steps);
             stored.resume = a.resume.clone();
-            stored.device = a.device.clone();
+            stored.device = a.device;
             a = stored;
             Some(ck)
         }

@@ -6,7 +6,7 @@
 //! - [`data`]: Parquet image datasets, stable splits, seeded shuffled epochs, augmentation.
 //! - [`trainer`]: the loop (three modes: from scratch, fine-tune, fine-tune with outlier loss).
 //! - [`checkpoint`]: checkpoints and exact resume.
-//! - [`optimizer`]: Adamax.
+//! - [`optimizer`]: the Adamax optimizer.
 //! - [`progress`]: progress bar or JSON lines.
 
 pub mod checkpoint;

@@ -160,11 +160,13 @@ impl Adamax {
             let Some(g) = grads.get(v.as_tensor()) else {
                 continue;
             };
-            let theta = v.as_tensor();
-            let g = (g + (theta * c.weight_decay)?)?;
+            // Detached: optimizer arithmetic must not record autograd history, or every m and
+            // u would keep the previous step's tensors alive (memory growing with each step).
+            let theta = v.as_tensor().detach();
+            let g = (g.detach() + (&theta * c.weight_decay)?)?;
             let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let u = (&self.u[i] * c.beta2)?.maximum(&(g.abs()? + c.eps)?)?;
-            v.set(&(theta - ((&m / &u)? * step_size)?)?)?;
+            v.set(&(&theta - ((&m / &u)? * step_size)?)?)?;
             self.m[i] = m;
             self.u[i] = u;
         }
@@ -177,6 +179,20 @@ impl Adamax {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    /// Regression: the moments once kept the autograd history of every previous step alive
+    /// (memory grew by megabytes per step in a real training run).
+    #[test]
+    fn optimizer_state_records_no_autograd_history() {
+        let x = Var::new(&[1.0f64, -2.0], &Device::Cpu).unwrap();
+        let mut opt = Adamax::new(vec![x.clone()], AdamaxConfig::default()).unwrap();
+        for _ in 0..3 {
+            let loss = (x.as_tensor() * x.as_tensor()).unwrap().sum_all().unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+        }
+        let (m, u) = opt.state();
+        assert!(!m[0].track_op() && !u[0].track_op());
+    }
 
     #[test]
     fn matches_a_hand_computed_adamax_step_with_coupled_decay() {

@@ -1,0 +1,205 @@
+//! `glowwatch bench-pipeline`: Parquet -> score -> Parquet throughput against pure model
+//! scoring of the same images, decode throughput per core, and peak memory, in one run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use arrow::array::{Array, AsArray, RecordBatch, StringArray};
+use candle_core::DType;
+use clap::Args;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::properties::WriterProperties;
+
+use crate::device::DeviceSpec;
+use crate::glow::GlowModel;
+use crate::pipeline::config::{
+    DecodeConfig, FlagConfig, ModelsConfig, ParquetSinkConfig, Partitioning, PipelineConfig,
+    SinksConfig, SourceConfig, SourceKind, SummaryConfig,
+};
+use crate::pipeline::decode::{DecodeLimits, decode_array};
+use crate::pipeline::run::run_pipeline;
+use crate::pipeline::score::{ModelScorer, ScoreKind};
+
+/// Arguments of `glowwatch bench-pipeline`.
+#[derive(Debug, Args)]
+pub struct BenchPipelineArgs {
+    /// Input Parquet file (id, image columns).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Repeat the input this many times (ids made unique) to build a larger run.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// In-distribution model.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// General model.
+    #[arg(long)]
+    pub general: Option<PathBuf>,
+    /// Images used for the decode and pure-scoring measurements.
+    #[arg(long, default_value_t = 8192)]
+    pub sample: usize,
+    /// Model batch size.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    /// Working directory for the generated input and the outputs (default: a temp dir).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+/// Runs `glowwatch bench-pipeline`.
+pub fn run(a: BenchPipelineArgs) -> Result<()> {
+    let tmp = tempdir(a.work_dir.clone())?;
+    let f = std::fs::File::open(&a.input).with_context(|| a.input.display().to_string())?;
+    let batches: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(f)?
+        .build()?
+        .collect::<Result<_, _>>()?;
+    let schema = batches[0].schema();
+    let input = tmp.join("input.parquet");
+    {
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(8192))
+            .build();
+        let mut w =
+            ArrowWriter::try_new(std::fs::File::create(&input)?, schema.clone(), Some(props))?;
+        let id_idx = schema.index_of("id")?;
+        for r in 0..a.repeat.max(1) {
+            for b in &batches {
+                let mut cols = b.columns().to_vec();
+                let ids =
+                    arrow::compute::cast(b.column(id_idx), &arrow::datatypes::DataType::Utf8)?;
+                let ids = ids.as_string::<i32>();
+                cols[id_idx] = Arc::new(StringArray::from_iter_values(
+                    (0..ids.len()).map(|i| format!("{}-{r}", ids.value(i))),
+                ));
+                w.write(&RecordBatch::try_new(schema.clone(), cols)?)?;
+            }
+        }
+        w.close()?;
+    }
+
+    let dev = a.device.open().map_err(anyhow::Error::msg)?;
+    let m = GlowModel::load(&a.model, &dev)?;
+    let g = a
+        .general
+        .as_ref()
+        .map(|p| GlowModel::load(p, &dev))
+        .transpose()?;
+    let scorer = ModelScorer::new(&m, g.as_ref(), &dev, DType::F32, a.batch)?;
+    let cfg = scorer.config().clone();
+
+    // Decode throughput: one core, then all cores.
+    let all = arrow::compute::concat_batches(&schema, &batches)?;
+    let n = a.sample.min(all.num_rows());
+    let images = all
+        .column_by_name("image")
+        .context("no image column")?
+        .slice(0, n);
+    let lim = DecodeLimits::default();
+    let time_decode = |threads: usize| -> Result<(f64, Vec<u8>)> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
+        let t = Instant::now();
+        let out = pool.install(|| decode_array(&images, &cfg, &lim))?;
+        let dt = t.elapsed().as_secs_f64();
+        let px: Vec<u8> = out.into_iter().filter_map(|r| r.ok()).flatten().collect();
+        Ok((n as f64 / dt, px))
+    };
+    let cores = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1);
+    let (dec1, _) = time_decode(1)?;
+    let (decn, pixels) = time_decode(cores)?;
+
+    // Pure scoring of the decoded images (warm-up batch first).
+    scorer.score_pixels(&pixels[..cfg.dims() * a.batch.min(n)])?;
+    let t = Instant::now();
+    scorer.score_pixels(&pixels)?;
+    let pure = n as f64 / t.elapsed().as_secs_f64();
+
+    // The whole pipeline.
+    let sink = |p: PathBuf| ParquetSinkConfig {
+        path: p,
+        partition: Partitioning::None,
+        compression: "zstd".into(),
+        row_group_rows: 8192,
+        max_file_rows: 1_000_000,
+        max_file_bytes: 256 << 20,
+        max_file_age_s: None,
+    };
+    let pcfg = PipelineConfig {
+        name: "bench".into(),
+        source: SourceConfig {
+            kind: SourceKind::Parquet,
+            paths: vec![input.clone()],
+            image_column: "image".into(),
+            id_column: "id".into(),
+            batch_rows: 1024,
+        },
+        decode: DecodeConfig::default(),
+        models: ModelsConfig {
+            in_model: a.model.clone(),
+            general: a.general.clone(),
+            device: a.device.to_string(),
+            batch: a.batch,
+        },
+        flag: FlagConfig {
+            score: if a.general.is_some() {
+                ScoreKind::Llr
+            } else {
+                ScoreKind::Nll
+            },
+            calibration: None,
+            threshold: Some(0.0),
+        },
+        sinks: SinksConfig {
+            scored: sink(tmp.join("scored")),
+            dead_letter: sink(tmp.join("dead")),
+        },
+        summary: SummaryConfig::default(),
+    };
+    let s = run_pipeline(&pcfg)?;
+    println!("{:<44} {:>12}", "measurement", "value");
+    println!("{}", "-".repeat(57));
+    println!("{:<44} {:>12}", "rows through the pipeline", s.rows_in);
+    println!("{:<44} {:>12.0}", "decode images/s, 1 core", dec1);
+    println!(
+        "{:<44} {:>12.0}",
+        format!("decode images/s, {cores} cores"),
+        decn
+    );
+    println!(
+        "{:<44} {:>12.0}",
+        "pure scoring images/s (both models)", pure
+    );
+    println!(
+        "{:<44} {:>12.0}",
+        "pipeline rows/s (Parquet -> Parquet)", s.rows_per_s
+    );
+    println!(
+        "{:<44} {:>12.3}",
+        "pipeline / pure scoring",
+        s.rows_per_s / pure
+    );
+    if let Some(mib) = crate::bench::peak_rss_mib() {
+        println!("{:<44} {:>12.0}", "peak resident memory, MiB", mib);
+    }
+    if a.work_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Ok(())
+}
+
+fn tempdir(given: Option<PathBuf>) -> Result<PathBuf> {
+    let p = given.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("glowwatch-bench-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&p)?;
+    Ok(p)
+}
