@@ -46,7 +46,7 @@ impl std::str::FromStr for Precision {
 
 impl Precision {
     /// (coupling-network dtype, flow-state dtype).
-    fn dtypes(self) -> (DType, DType) {
+    pub fn dtypes(self) -> (DType, DType) {
         match self {
             Self::Bf16 => (DType::BF16, DType::F32),
             Self::Bf16All => (DType::BF16, DType::BF16),
@@ -65,7 +65,7 @@ impl Precision {
     }
 
     /// Switches cuBLAS's reduced-precision f32 GEMMs on for TF32 (a no-op on the CPU).
-    fn apply(self) {
+    pub fn apply(self) {
         candle_core::cuda::set_gemm_reduced_precision_f32(self == Self::Tf32);
     }
 }

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::bench::Precision;
 use anyhow::{Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch, StringArray};
-use candle_core::DType;
 use clap::Args;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -90,7 +90,7 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
         .as_ref()
         .map(|p| GlowModel::load(p, &dev))
         .transpose()?;
-    let scorer = ModelScorer::new(&m, g.as_ref(), &dev, DType::F32, a.batch)?;
+    let scorer = ModelScorer::new(&m, g.as_ref(), &dev, Precision::F32, a.batch)?;
     let cfg = scorer.config().clone();
 
     // Decode throughput: one core, then all cores.
@@ -148,6 +148,7 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
             general: a.general.clone(),
             device: a.device.to_string(),
             batch: a.batch,
+            precision: "f32".into(),
         },
         flag: FlagConfig {
             score: if a.general.is_some() {

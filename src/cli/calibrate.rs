@@ -55,7 +55,13 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         "--fpr must be between 0 and 1, got {}",
         a.fpr
     );
-    let scorer = load_scorer(&a.model, a.general.as_deref(), &a.device, 256)?;
+    let scorer = load_scorer(
+        &a.model,
+        a.general.as_deref(),
+        &a.device,
+        crate::bench::Precision::F32,
+        256,
+    )?;
     for s in &a.score {
         ensure!(
             !s.needs_general() || a.general.is_some(),

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::bench::Precision;
 use anyhow::{Context, Result};
-use candle_core::DType;
 use clap::Args;
 
 use crate::device::DeviceSpec;
@@ -43,6 +43,9 @@ pub struct EvalArgs {
     /// auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
+    /// f32, tf32 (CUDA), bf16 or bf16-all.
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
 }
 
 /// A `name=path` or `path` argument.
@@ -95,17 +98,24 @@ pub(super) fn load_scorer(
     model: &Path,
     general: Option<&Path>,
     device: &DeviceSpec,
+    precision: Precision,
     batch: usize,
 ) -> Result<ModelScorer> {
     let dev = device.open().map_err(anyhow::Error::msg)?;
     let m = GlowModel::load(model, &dev)?;
     let g = general.map(|p| GlowModel::load(p, &dev)).transpose()?;
-    Ok(ModelScorer::new(&m, g.as_ref(), &dev, DType::F32, batch)?)
+    Ok(ModelScorer::new(&m, g.as_ref(), &dev, precision, batch)?)
 }
 
 /// Runs `glowwatch eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
-    let scorer = load_scorer(&a.model, a.general.as_deref(), &a.device, a.batch)?;
+    let scorer = load_scorer(
+        &a.model,
+        a.general.as_deref(),
+        &a.device,
+        a.precision,
+        a.batch,
+    )?;
     let (in_name, _) = named_path(&a.in_data.display().to_string());
     let in_set = score_set(
         &scorer,

@@ -84,6 +84,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             general: a.general.clone(),
             device: a.device.clone(),
             batch: 256,
+            precision: "f32".into(),
         },
         flag: FlagConfig {
             score: a.score,

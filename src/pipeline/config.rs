@@ -122,6 +122,22 @@ pub struct ModelsConfig {
     /// Images per model call.
     #[serde(default = "default_model_batch")]
     pub batch: usize,
+    /// `f32` (default), `tf32` (CUDA), `bf16` or `bf16-all`: see `glowwatch bench`.
+    #[serde(default = "default_precision")]
+    pub precision: String,
+}
+
+fn default_precision() -> String {
+    "f32".into()
+}
+
+impl ModelsConfig {
+    /// The parsed precision.
+    pub fn precision(&self) -> Result<crate::bench::Precision> {
+        self.precision
+            .parse()
+            .map_err(|e: String| PipelineError::Config(format!("models.precision: {e}")))
+    }
 }
 
 fn default_device() -> String {
@@ -265,6 +281,7 @@ impl PipelineConfig {
         if self.source.batch_rows == 0 {
             return bad("source.batch_rows must be at least 1".into());
         }
+        self.models.precision()?;
         if self.models.batch == 0 {
             return bad("models.batch must be at least 1".into());
         }

@@ -17,7 +17,6 @@ use std::time::{Instant, SystemTime};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::DataType;
 use arrow::record_batch::RecordBatch;
-use candle_core::DType;
 use serde::Serialize;
 
 use super::config::PipelineConfig;
@@ -129,7 +128,7 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
         &in_model,
         general.as_ref(),
         &dev,
-        DType::F32,
+        cfg.models.precision()?,
         cfg.models.batch,
     )?;
     let flagger = Flagger::from_config(&cfg.flag, &scorer)?;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
+
+use crate::bench::Precision;
 
 use super::flag::{Flag, Flagger};
 use crate::glow::config::GlowConfig;
@@ -142,15 +144,17 @@ pub struct ModelScorer {
 }
 
 impl ModelScorer {
-    /// Builds fused scorers for the models on `device` with couplings in `dtype`. Both
-    /// models must take the same input (channels, size, preprocessing).
+    /// Builds fused scorers for the models on `device` in `precision` (see
+    /// [`Precision`]). Both models must take the same input (channels, size, preprocessing).
     pub fn new(
         in_model: &GlowModel,
         general: Option<&GlowModel>,
         device: &Device,
-        dtype: DType,
+        precision: Precision,
         batch: usize,
     ) -> Result<Self, GlowError> {
+        precision.apply();
+        let (dtype, state) = precision.dtypes();
         let cfg = in_model.config().clone();
         if let Some(g) = general {
             let gc = g.config();
@@ -171,10 +175,10 @@ impl ModelScorer {
             }
         }
         Ok(Self {
-            in_scorer: in_model.scorer(device, dtype)?,
+            in_scorer: in_model.scorer_with_state(device, dtype, state)?,
             in_id: in_model.model_id()?,
             general: match general {
-                Some(g) => Some((g.scorer(device, dtype)?, g.model_id()?)),
+                Some(g) => Some((g.scorer_with_state(device, dtype, state)?, g.model_id()?)),
                 None => None,
             },
             config: cfg,
