@@ -161,14 +161,14 @@ fn idx_files_import_to_parquet_that_decodes_to_the_same_pixels() {
     let mut cfg = cfg;
     cfg.preprocess.resize = glowwatch::glow::config::ResizeMode::Pad;
     // Decoded by the pipeline's decoder: a 4x5 image does not fit a 4x4 model in pad mode.
-    let data = ImageDataset::open(&[out.clone()], "image", "id", &cfg).unwrap();
+    let data = ImageDataset::open(std::slice::from_ref(&out), "image", "id", &cfg).unwrap();
     let mut skipped = SkippedRows::default();
     let got = data.read_head(10, &mut skipped).unwrap();
     assert_eq!((got.len(), skipped.total()), (0, 3));
     assert_eq!(skipped.by_reason["wrong_size"], 3);
     // With a model size that fits, pixels come back exactly (zero-padded to 8x8).
     cfg.image_size = 8;
-    let data = ImageDataset::open(&[out.clone()], "image", "id", &cfg).unwrap();
+    let data = ImageDataset::open(std::slice::from_ref(&out), "image", "id", &cfg).unwrap();
     let got = data.read_head(10, &mut SkippedRows::default()).unwrap();
     assert_eq!(got.ids, vec!["0", "1", "2"]);
     for i in 0..n {
