@@ -175,7 +175,6 @@ fn demo_sample_is_the_documented_subset() {
         have,
         arrow::compute::concat_batches(&schema, &want).unwrap()
     );
-    let _ = Int32Array::from(vec![0]);
 }
 
 fn tiny_model(dir: &Path) -> PathBuf {
@@ -426,9 +425,7 @@ fn every_row_once_schemas_sums_and_dead_letters() {
     assert_eq!(img.value(2), b"\x00\x01garbage");
     assert!(img.is_null(1));
     ids.sort();
-    let mut want: Vec<String> = (0..1500).map(|i| i.to_string()).collect();
-    // mnist ids are whatever the file holds; compare as a set with the input instead.
-    want.clear();
+    let mut want: Vec<String> = Vec::new();
     let src = read_all(&[input.join("a.parquet")]);
     for b in &src {
         let a = b.column_by_name("id").unwrap().as_string::<i32>();

@@ -16,8 +16,8 @@ use parquet::file::properties::WriterProperties;
 use crate::device::DeviceSpec;
 use crate::glow::GlowModel;
 use crate::pipeline::config::{
-    DecodeConfig, FlagConfig, ModelsConfig, ParquetSinkConfig, Partitioning, PipelineConfig,
-    SinksConfig, SourceConfig, SourceKind, SummaryConfig,
+    DecodeConfig, FlagConfig, ModelsConfig, ParquetSinkConfig, PipelineConfig, SinksConfig,
+    SourceConfig, SourceKind, SummaryConfig,
 };
 use crate::pipeline::decode::{DecodeLimits, decode_array};
 use crate::pipeline::run::run_pipeline;
@@ -124,15 +124,6 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
     let pure = n as f64 / t.elapsed().as_secs_f64();
 
     // The whole pipeline.
-    let sink = |p: PathBuf| ParquetSinkConfig {
-        path: p,
-        partition: Partitioning::None,
-        compression: "zstd".into(),
-        row_group_rows: 8192,
-        max_file_rows: 1_000_000,
-        max_file_bytes: 256 << 20,
-        max_file_age_s: None,
-    };
     let pcfg = PipelineConfig {
         name: "bench".into(),
         source: SourceConfig {
@@ -160,8 +151,8 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
             threshold: Some(0.0),
         },
         sinks: SinksConfig {
-            scored: sink(tmp.join("scored")),
-            dead_letter: sink(tmp.join("dead")),
+            scored: ParquetSinkConfig::unpartitioned(tmp.join("scored")),
+            dead_letter: ParquetSinkConfig::unpartitioned(tmp.join("dead")),
         },
         summary: SummaryConfig::default(),
     };

@@ -7,8 +7,8 @@ use clap::Args;
 
 use super::run::print_summary;
 use crate::pipeline::config::{
-    DecodeConfig, FlagConfig, ModelsConfig, ParquetSinkConfig, Partitioning, PipelineConfig,
-    SinksConfig, SourceConfig, SourceKind, SummaryConfig,
+    DecodeConfig, FlagConfig, ModelsConfig, ParquetSinkConfig, PipelineConfig, SinksConfig,
+    SourceConfig, SourceKind, SummaryConfig,
 };
 use crate::pipeline::run::run_pipeline;
 use crate::pipeline::score::ScoreKind;
@@ -53,15 +53,6 @@ pub struct ScoreArgs {
 
 /// Runs `glowwatch score`.
 pub fn run(a: ScoreArgs) -> Result<()> {
-    let sink = |path: PathBuf| ParquetSinkConfig {
-        path,
-        partition: Partitioning::None,
-        compression: "zstd".into(),
-        row_group_rows: 8192,
-        max_file_rows: 1_000_000,
-        max_file_bytes: 256 << 20,
-        max_file_age_s: None,
-    };
     let calibration =
         match a.threshold {
             Some(_) => None,
@@ -92,8 +83,8 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             threshold: a.threshold,
         },
         sinks: SinksConfig {
-            scored: sink(a.output.clone()),
-            dead_letter: sink(a.output.join("_dead_letter")),
+            scored: ParquetSinkConfig::unpartitioned(a.output.clone()),
+            dead_letter: ParquetSinkConfig::unpartitioned(a.output.join("_dead_letter")),
         },
         summary: SummaryConfig::default(),
     };

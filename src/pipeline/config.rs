@@ -210,6 +210,21 @@ fn default_max_file_bytes() -> usize {
     256 << 20
 }
 
+impl ParquetSinkConfig {
+    /// A sink writing unpartitioned files into `path` with the defaults of the config file.
+    pub fn unpartitioned(path: PathBuf) -> Self {
+        Self {
+            path,
+            partition: Partitioning::None,
+            compression: default_compression(),
+            row_group_rows: default_row_group_rows(),
+            max_file_rows: default_max_file_rows(),
+            max_file_bytes: default_max_file_bytes(),
+            max_file_age_s: None,
+        }
+    }
+}
+
 /// Hive-style partition directories of a sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -172,14 +172,22 @@ pub fn decode_array(
     cfg: &GlowConfig,
     limits: &DecodeLimits,
 ) -> Result<Vec<std::result::Result<Vec<u8>, DecodeFailure>>> {
-    let values = binary_values(array)?;
-    Ok(values
+    Ok(decode_values(&binary_values(array)?, cfg, limits))
+}
+
+/// Decodes already extracted byte values (nulls as `None`) in parallel, row for row.
+pub fn decode_values(
+    values: &[Option<&[u8]>],
+    cfg: &GlowConfig,
+    limits: &DecodeLimits,
+) -> Vec<std::result::Result<Vec<u8>, DecodeFailure>> {
+    values
         .par_iter()
         .map(|v| match v {
             None => Err(fail(DecodeReason::Null, "image is null")),
             Some(b) => decode_image(b, cfg, limits),
         })
-        .collect())
+        .collect()
 }
 
 /// Where a batch came from: its coordinates for dead-letter rows and reports.
@@ -224,8 +232,8 @@ pub fn decode_batch(
     let images = batch
         .column_by_name(image_column)
         .ok_or_else(|| PipelineError::Schema(format!("input has no column `{image_column}`")))?;
-    let decoded = decode_array(images, cfg, limits)?;
     let bytes = binary_values(images)?;
+    let decoded = decode_values(&bytes, cfg, limits);
     let ids: Option<Vec<Option<String>>> = match batch.column_by_name(id_column) {
         Some(a) => {
             let s = arrow::compute::cast(a, &DataType::Utf8)?;

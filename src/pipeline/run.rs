@@ -136,20 +136,7 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
     // Check the input before any work.
     let source = ParquetSource::open(&cfg.source.paths)?;
     let schema = source.schema().clone();
-    let img = source.column_index(&cfg.source.image_column)?;
-    let ty = schema.field(img).data_type();
-    if !matches!(
-        ty,
-        DataType::Binary
-            | DataType::LargeBinary
-            | DataType::BinaryView
-            | DataType::FixedSizeBinary(_)
-    ) {
-        return Err(PipelineError::Schema(format!(
-            "column `{}` has type {ty}, expected binary (encoded PNG/JPEG bytes)",
-            cfg.source.image_column
-        )));
-    }
+    source.image_column_index(&cfg.source.image_column)?;
     let truth_idx = match &cfg.summary.truth_column {
         Some(t) => {
             let i = source.column_index(t)?;
@@ -165,7 +152,7 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
     };
     let out_schema = scored_schema(&schema, scorer.scales());
     let run = run_id();
-    let mut scored_sink = ParquetSink::new(&cfg.sinks.scored, out_schema, &run)?;
+    let mut scored_sink = ParquetSink::new(&cfg.sinks.scored, out_schema.clone(), &run)?;
     let mut dead_sink = ParquetSink::new(&cfg.sinks.dead_letter, dead_letter_schema(), &run)?;
 
     let (src_tx, src_rx) = sync_channel::<SourceBatch>(CHANNEL_DEPTH);
@@ -253,7 +240,8 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
             for d in dec_rx {
                 let at = SystemTime::now();
                 let scores = scorer.score_pixels(&d.pixels)?;
-                let (scored, flags) = scored_batch(&d.rows, &scores, &scorer, &flagger, at)?;
+                let (scored, flags) =
+                    scored_batch(&out_schema, &d.rows, &scores, &scorer, &flagger, at)?;
                 sum.scored += scored.num_rows() as u64;
                 sum.flagged += flags.iter().filter(|f| f.is_ood).count() as u64;
                 sum.non_finite += flags

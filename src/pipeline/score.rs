@@ -230,8 +230,10 @@ impl ModelScorer {
 }
 
 /// Appends the score and flag columns ([`crate::pipeline::schema::score_fields`]) to the
-/// decodable input rows. Returns the scored batch and each row's flag.
+/// decodable input rows; `schema` is [`crate::pipeline::schema::scored_schema`] of the input,
+/// computed once per run. Returns the scored batch and each row's flag.
 pub fn scored_batch(
+    schema: &arrow::datatypes::SchemaRef,
     rows: &RecordBatch,
     scores: &[ImageScores],
     scorer: &ModelScorer,
@@ -295,8 +297,7 @@ pub fn scored_batch(
     cols.push(Arc::new(StringArray::from_iter_values(
         flags.iter().map(|f| f.status.as_str()),
     )));
-    let schema = crate::pipeline::schema::scored_schema(&rows.schema(), l);
-    Ok((RecordBatch::try_new(schema, cols)?, flags))
+    Ok((RecordBatch::try_new(Arc::clone(schema), cols)?, flags))
 }
 
 #[cfg(test)]

@@ -125,19 +125,7 @@ impl ImageDataset {
         config: &GlowConfig,
     ) -> Result<Self> {
         let source = ParquetSource::open(paths)?;
-        let idx = source.column_index(image_column)?;
-        let ty = source.schema().field(idx).data_type();
-        if !matches!(
-            ty,
-            DataType::Binary
-                | DataType::LargeBinary
-                | DataType::BinaryView
-                | DataType::FixedSizeBinary(_)
-        ) {
-            return Err(PipelineError::Schema(format!(
-                "column `{image_column}` has type {ty}, expected binary (encoded PNG/JPEG bytes)"
-            )));
-        }
+        source.image_column_index(image_column)?;
         let id_column = source
             .schema()
             .index_of(id_column)
