@@ -534,3 +534,266 @@ fn killed_run_leaves_no_partial_file_under_a_final_name() {
     let src = glowwatch::pipeline::source::ParquetSource::open(&[out.join("scored")]).unwrap();
     assert_eq!(src.files().len(), visible.len());
 }
+
+/// Reads `id` and the `log_p` column of every scored file under `dir`, by id.
+fn log_p_by_id(dir: &Path) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for b in read_all(&parquet_files(dir)) {
+        let ids = b.column_by_name("id").unwrap().as_string::<i32>().clone();
+        let lp = b
+            .column_by_name("log_p")
+            .unwrap()
+            .as_primitive::<Float64Type>()
+            .clone();
+        for i in 0..b.num_rows() {
+            out.insert(ids.value(i).to_string(), lp.value(i));
+        }
+    }
+    out
+}
+
+#[test]
+fn raw_pixel_columns_score_exactly_like_the_encoded_images() {
+    use arrow::array::{ListBuilder, UInt8Builder, UInt16Array};
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let encoded = common::subset(
+        &common::shared("fashion_mnist_test.parquet"),
+        300,
+        128,
+        &dir.path().join("encoded.parquet"),
+    );
+    // The same 300 images as raw grey pixels in a list<uint8> column with shape columns of
+    // two integer types, plus an RGB copy of one image and three bad rows.
+    let src = read_all(std::slice::from_ref(&encoded));
+    let (mut ids, mut hs, mut ws, mut cs) = (vec![], vec![], vec![], vec![]);
+    let mut px = ListBuilder::new(UInt8Builder::new());
+    let mut push = |id: &str, bytes: Option<&[u8]>, h: Option<i32>, w: i32, c: u16| {
+        ids.push(id.to_string());
+        match bytes {
+            Some(b) => px.append_value(b.iter().map(|v| Some(*v))),
+            None => px.append_null(),
+        }
+        hs.push(h);
+        ws.push(w);
+        cs.push(c);
+    };
+    let mut first_rgb = None;
+    for b in &src {
+        let id = b.column_by_name("id").unwrap().as_string::<i32>();
+        let img = b.column_by_name("image").unwrap().as_binary::<i32>();
+        for i in 0..b.num_rows() {
+            let g = image::load_from_memory(img.value(i)).unwrap().to_luma8();
+            let (w, h) = g.dimensions();
+            push(id.value(i), Some(g.as_raw()), Some(h as i32), w as i32, 1);
+            if first_rgb.is_none() {
+                first_rgb = Some((image::DynamicImage::ImageLuma8(g).to_rgb8(), w, h));
+            }
+        }
+    }
+    let (rgb, w, h) = first_rgb.unwrap();
+    push("rgb", Some(rgb.as_raw()), Some(h as i32), w as i32, 3);
+    push("short", Some(&[7u8; 100]), Some(28), 28, 1);
+    push("five-channels", Some(&[7u8; 28 * 28 * 5]), Some(28), 28, 5);
+    push("no-height", Some(&[7u8; 28 * 28]), None, 28, 1);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new(
+            "pixels",
+            DataType::List(Arc::new(Field::new("item", DataType::UInt8, true))),
+            true,
+        ),
+        Field::new("h", DataType::Int32, true),
+        Field::new("width", DataType::Int32, false),
+        Field::new("channels", DataType::UInt16, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(ids)),
+            Arc::new(px.finish()),
+            Arc::new(Int32Array::from(hs)),
+            Arc::new(Int32Array::from(ws)),
+            Arc::new(UInt16Array::from(cs)),
+        ],
+    )
+    .unwrap();
+    let raw = dir.path().join("raw.parquet");
+    let mut wr =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&raw).unwrap(), schema, None)
+            .unwrap();
+    wr.write(&batch).unwrap();
+    wr.close().unwrap();
+
+    let run = |input: &Path, out: &Path, extra_source: &str| {
+        let toml = pipeline_toml(input, &model, None, out, "").replace(
+            "kind = \"parquet\"",
+            &format!("kind = \"parquet\"\n{extra_source}"),
+        );
+        run_pipeline(&PipelineConfig::parse(&toml, dir.path()).unwrap())
+    };
+    let raw_source = "image_column = \"pixels\"\npixels = \"raw\"\nheight_column = \"h\"";
+    // A raw layout whose shape column is missing fails before any work.
+    let e = run(
+        &raw,
+        &dir.path().join("bad"),
+        "image_column = \"pixels\"\npixels = \"raw\"",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no column `height`"), "{e}");
+    assert!(!dir.path().join("bad").exists());
+
+    let enc = run(&encoded, &dir.path().join("enc"), "").unwrap();
+    let rawsum = run(&raw, &dir.path().join("raw"), raw_source).unwrap();
+    assert_eq!(enc.scored, 300);
+    assert_eq!((rawsum.scored, rawsum.dead_lettered), (301, 3));
+    let a = log_p_by_id(&dir.path().join("enc/scored"));
+    let b = log_p_by_id(&dir.path().join("raw/scored"));
+    assert_eq!(a.len(), 300);
+    for (id, lp) in &a {
+        let r = b[id];
+        assert!((lp - r).abs() <= 1e-9 * lp.abs(), "{id}: {lp} vs {r}");
+    }
+    // Grey -> RGB -> the model's grey is lossless for grey pixels.
+    let first = src[0]
+        .column_by_name("id")
+        .unwrap()
+        .as_string::<i32>()
+        .value(0);
+    assert_eq!(b["rgb"], a[first]);
+    let dead = read_all(&parquet_files(&dir.path().join("raw/dead")));
+    let mut reasons: Vec<(String, String)> = dead
+        .iter()
+        .flat_map(|d| {
+            let id = d.column_by_name("id").unwrap().as_string::<i32>().clone();
+            let r = d
+                .column_by_name("reason")
+                .unwrap()
+                .as_string::<i32>()
+                .clone();
+            (0..d.num_rows())
+                .map(move |i| (id.value(i).to_string(), r.value(i).to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            ("five-channels", "wrong_size"),
+            ("no-height", "null"),
+            ("short", "wrong_size")
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+}
+
+/// The output is plain Parquet that other readers take as it is: pyarrow (with the Hive
+/// partitions) and duckdb read the same rows, ids, sums and dead letters as the parquet crate.
+/// Needs `python3` with pyarrow and duckdb (`.ci/run` installs them).
+#[test]
+fn output_reads_the_same_in_pyarrow_and_duckdb() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    common::subset(
+        &common::shared("mnist.parquet"),
+        400,
+        128,
+        &input.join("a.parquet"),
+    );
+    write_images(
+        &input.join("b.parquet"),
+        &[
+            ("empty".to_string(), Some(vec![])),
+            ("junk".to_string(), Some(b"junk".to_vec())),
+        ],
+    );
+    // A first run finds the median score, so the real run flags about half of the rows.
+    let probe = dir.path().join("probe");
+    let toml = pipeline_toml(&input, &model, None, &probe, "");
+    run_pipeline(&PipelineConfig::parse(&toml, dir.path()).unwrap()).unwrap();
+    let mut scores: Vec<f64> = read_all(&parquet_files(&probe.join("scored")))
+        .iter()
+        .flat_map(|b| {
+            let a = b
+                .column_by_name("score")
+                .unwrap()
+                .as_primitive::<Float64Type>();
+            a.values().to_vec()
+        })
+        .collect();
+    scores.sort_by(f64::total_cmp);
+    let out = dir.path().join("out");
+    let toml = pipeline_toml(&input, &model, None, &out, "").replace(
+        "threshold = 1500.0",
+        &format!("threshold = {:?}", scores[scores.len() / 2]),
+    );
+    let s = run_pipeline(&PipelineConfig::parse(&toml, dir.path()).unwrap()).unwrap();
+    assert_eq!((s.scored, s.dead_lettered), (400, 2));
+
+    let py = std::process::Command::new("python3")
+        .arg(repo("tests/interop/read_outputs.py"))
+        .arg(out.join("scored"))
+        .arg(out.join("dead"))
+        .output()
+        .expect("python3 runs (the interop test needs python3 with pyarrow and duckdb)");
+    assert!(
+        py.status.success(),
+        "read_outputs.py failed (pip install pyarrow duckdb?):\n{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+
+    // What the parquet crate reads.
+    let scored = read_all(&parquet_files(&out.join("scored")));
+    let mut ids = Vec::new();
+    let (mut sum, mut flagged) = (0.0f64, 0u64);
+    for b in &scored {
+        let id = b.column_by_name("id").unwrap().as_string::<i32>();
+        let lp = b
+            .column_by_name("log_p")
+            .unwrap()
+            .as_primitive::<Float64Type>();
+        let ood = b.column_by_name("is_ood").unwrap().as_boolean();
+        for i in 0..b.num_rows() {
+            ids.push(id.value(i).to_string());
+            sum += lp.value(i);
+            flagged += ood.value(i) as u64;
+        }
+    }
+    ids.sort();
+    assert!(flagged > 0 && flagged < 400, "threshold splits the rows");
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+
+    let pa = &v["pyarrow"];
+    assert_eq!(pa["rows"], 400);
+    assert_eq!(pa["ids"], serde_json::json!(ids));
+    assert!(close(pa["log_p_sum"].as_f64().unwrap(), sum));
+    assert_eq!(pa["flagged"], flagged);
+    // Hive partition directories become columns; our columns keep their types.
+    let cols: Vec<&str> = pa["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(cols.ends_with(&["date", "hour"]), "{cols:?}");
+    assert_eq!(pa["types"]["log_p"], "double");
+    assert_eq!(pa["types"]["is_ood"], "bool");
+    assert_eq!(pa["types"]["scored_at"], "timestamp[us, tz=UTC]");
+    assert_eq!(
+        v["pyarrow_dead"]["reasons"],
+        serde_json::json!(["empty", "unknown_format"])
+    );
+
+    let dk = &v["duckdb"];
+    assert_eq!(dk["rows"], 400);
+    assert_eq!(dk["flagged"], flagged);
+    assert!(close(dk["log_p_sum"].as_f64().unwrap(), sum));
+    assert_eq!(dk["max_scale_sum_error"].as_f64().unwrap(), 0.0);
+    assert_eq!(dk["dates"], 1);
+    assert_eq!(dk["dead_rows"], 2);
+}

@@ -17,9 +17,9 @@ use crate::device::DeviceSpec;
 use crate::glow::GlowModel;
 use crate::pipeline::config::{
     DecodeConfig, FlagConfig, ModelsConfig, ParquetSinkConfig, PipelineConfig, SinksConfig,
-    SourceConfig, SourceKind, SummaryConfig,
+    SourceConfig, SummaryConfig,
 };
-use crate::pipeline::decode::{DecodeLimits, decode_array};
+use crate::pipeline::decode::{DecodeLimits, ImageColumns, decode_array};
 use crate::pipeline::run::run_pipeline;
 use crate::pipeline::score::{ModelScorer, ScoreKind};
 
@@ -126,13 +126,7 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
     // The whole pipeline.
     let pcfg = PipelineConfig {
         name: "bench".into(),
-        source: SourceConfig {
-            kind: SourceKind::Parquet,
-            paths: vec![input.clone()],
-            image_column: "image".into(),
-            id_column: "id".into(),
-            batch_rows: 1024,
-        },
+        source: SourceConfig::parquet(vec![input.clone()], ImageColumns::encoded("image"), "id"),
         decode: DecodeConfig::default(),
         models: ModelsConfig {
             in_model: a.model.clone(),

@@ -40,9 +40,9 @@ pub struct CalibrateArgs {
     /// Calibration file to write or update (default: `<model>.calibration.json`).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Image column.
-    #[arg(long, default_value = "image")]
-    pub image_column: String,
+    /// Where the images are.
+    #[command(flatten)]
+    pub image: super::ImageArgs,
     /// auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
@@ -70,7 +70,14 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     }
     let (name, _) = named_path(&a.data.display().to_string());
     let split = a.holdout.map(Split::Holdout).unwrap_or(Split::All);
-    let set = score_set(&scorer, &name, &a.data, &a.image_column, a.max_rows, split)?;
+    let set = score_set(
+        &scorer,
+        &name,
+        &a.data,
+        &a.image.columns(),
+        a.max_rows,
+        split,
+    )?;
     let out = a
         .out
         .clone()

@@ -10,6 +10,7 @@ use clap::Args;
 use crate::device::DeviceSpec;
 use crate::eval::{EvalReport, ScoredSet, report};
 use crate::glow::GlowModel;
+use crate::pipeline::decode::ImageColumns;
 use crate::pipeline::score::ModelScorer;
 use crate::train::data::{ImageDataset, SkippedRows, Split};
 
@@ -34,9 +35,9 @@ pub struct EvalArgs {
     /// Output directory for eval.json and report.html.
     #[arg(long, default_value = "eval-out")]
     pub out_dir: PathBuf,
-    /// Image column.
-    #[arg(long, default_value = "image")]
-    pub image_column: String,
+    /// Where the images are.
+    #[command(flatten)]
+    pub image: super::ImageArgs,
     /// Scoring batch size.
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
@@ -68,11 +69,11 @@ pub(super) fn score_set(
     scorer: &ModelScorer,
     name: &str,
     path: &Path,
-    image_column: &str,
+    image: &ImageColumns,
     max: Option<usize>,
     split: Split,
 ) -> Result<ScoredSet> {
-    let data = ImageDataset::open(&[path.to_path_buf()], image_column, "id", scorer.config())?
+    let data = ImageDataset::open_columns(&[path.to_path_buf()], image, "id", scorer.config())?
         .with_split(split);
     let mut skipped = SkippedRows::default();
     let batch = data.read_head(max.unwrap_or(usize::MAX), &mut skipped)?;
@@ -121,7 +122,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         &scorer,
         &in_name,
         &a.in_data,
-        &a.image_column,
+        &a.image.columns(),
         a.max_rows,
         Split::All,
     )?;
@@ -130,7 +131,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .iter()
         .map(|s| {
             let (n, p) = named_path(s);
-            score_set(&scorer, &n, &p, &a.image_column, a.max_rows, Split::All)
+            score_set(&scorer, &n, &p, &a.image.columns(), a.max_rows, Split::All)
         })
         .collect::<Result<Vec<_>>>()?;
     let rep = EvalReport::compute(

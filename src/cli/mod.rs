@@ -13,7 +13,49 @@ mod train;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::decode::{ImageColumns, PixelFormat};
+
+/// Where the input's images are (shared by every command that reads Parquet images).
+#[derive(Debug, Clone, PartialEq, Args, Serialize, Deserialize)]
+pub struct ImageArgs {
+    /// Image column.
+    #[arg(long, default_value = "image")]
+    pub image_column: String,
+    /// How the image column stores images: encoded files (PNG/JPEG/...) or raw 8-bit pixels.
+    #[arg(long, value_enum, default_value_t = PixelFormat::Encoded)]
+    #[serde(default)]
+    pub pixels: PixelFormat,
+    /// Raw pixels: the height, width and channels columns.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        num_args = 3,
+        default_value = "height,width,channels"
+    )]
+    #[serde(default = "default_shape_columns")]
+    pub shape_columns: Vec<String>,
+}
+
+fn default_shape_columns() -> Vec<String> {
+    crate::pipeline::decode::DEFAULT_SHAPE_COLUMNS
+        .map(String::from)
+        .to_vec()
+}
+
+impl ImageArgs {
+    /// As the decoder's column description.
+    pub fn columns(&self) -> ImageColumns {
+        let s = &self.shape_columns;
+        ImageColumns {
+            image: self.image_column.clone(),
+            format: self.pixels,
+            shape: [s[0].clone(), s[1].clone(), s[2].clone()],
+        }
+    }
+}
 
 /// glowwatch: out-of-distribution detection for image feeds with hierarchical Glow likelihoods.
 #[derive(Debug, Parser)]

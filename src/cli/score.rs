@@ -8,7 +8,7 @@ use clap::Args;
 use super::run::print_summary;
 use crate::pipeline::config::{
     DecodeConfig, FlagConfig, ModelsConfig, ParquetSinkConfig, PipelineConfig, SinksConfig,
-    SourceConfig, SourceKind, SummaryConfig,
+    SourceConfig, SummaryConfig,
 };
 use crate::pipeline::run::run_pipeline;
 use crate::pipeline::score::ScoreKind;
@@ -37,9 +37,9 @@ pub struct ScoreArgs {
     /// A fixed threshold instead of a calibration.
     #[arg(long, conflicts_with = "calibration")]
     pub threshold: Option<f64>,
-    /// Image column.
-    #[arg(long, default_value = "image")]
-    pub image_column: String,
+    /// Where the images are.
+    #[command(flatten)]
+    pub image: super::ImageArgs,
     /// Id column.
     #[arg(long, default_value = "id")]
     pub id_column: String,
@@ -62,13 +62,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         };
     let cfg = PipelineConfig {
         name: "score".into(),
-        source: SourceConfig {
-            kind: SourceKind::Parquet,
-            paths: a.input.clone(),
-            image_column: a.image_column.clone(),
-            id_column: a.id_column.clone(),
-            batch_rows: 1024,
-        },
+        source: SourceConfig::parquet(a.input.clone(), a.image.columns(), &a.id_column),
         decode: DecodeConfig::default(),
         models: ModelsConfig {
             in_model: a.model.clone(),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::decode::DecodeLimits;
+use super::decode::{DEFAULT_SHAPE_COLUMNS, DecodeLimits, ImageColumns, PixelFormat};
 use super::score::ScoreKind;
 use super::{PipelineError, Result};
 
@@ -46,15 +46,59 @@ pub struct SourceConfig {
     pub kind: SourceKind,
     /// Files or directories (searched recursively for `*.parquet`).
     pub paths: Vec<PathBuf>,
-    /// Column of encoded image bytes.
+    /// Column of the image: encoded bytes, or raw pixels when `pixels = "raw"`.
     #[serde(default = "default_image_column")]
     pub image_column: String,
+    /// `encoded` (PNG/JPEG/... bytes, the default) or `raw` (8-bit pixels, row-major, channels
+    /// interleaved, with the three shape columns below).
+    #[serde(default)]
+    pub pixels: PixelFormat,
+    /// Raw pixels: the column holding each image's height.
+    #[serde(default = "default_height_column")]
+    pub height_column: String,
+    /// Raw pixels: the column holding each image's width.
+    #[serde(default = "default_width_column")]
+    pub width_column: String,
+    /// Raw pixels: the column holding each image's channel count (1, 2, 3 or 4).
+    #[serde(default = "default_channels_column")]
+    pub channels_column: String,
     /// Column of record ids.
     #[serde(default = "default_id_column")]
     pub id_column: String,
     /// Rows per pipeline batch (row groups are split into batches of at most this many rows).
     #[serde(default = "default_batch_rows")]
     pub batch_rows: usize,
+}
+
+impl SourceConfig {
+    /// A Parquet source over `paths` with default batching.
+    pub fn parquet(paths: Vec<PathBuf>, image: ImageColumns, id_column: &str) -> Self {
+        let [height_column, width_column, channels_column] = image.shape;
+        Self {
+            kind: SourceKind::Parquet,
+            paths,
+            image_column: image.image,
+            pixels: image.format,
+            height_column,
+            width_column,
+            channels_column,
+            id_column: id_column.to_string(),
+            batch_rows: default_batch_rows(),
+        }
+    }
+
+    /// Where the image of a record is and in what form.
+    pub fn image_columns(&self) -> ImageColumns {
+        ImageColumns {
+            image: self.image_column.clone(),
+            format: self.pixels,
+            shape: [
+                self.height_column.clone(),
+                self.width_column.clone(),
+                self.channels_column.clone(),
+            ],
+        }
+    }
 }
 
 /// Kinds of source.
@@ -67,6 +111,15 @@ pub enum SourceKind {
 
 fn default_image_column() -> String {
     "image".into()
+}
+fn default_height_column() -> String {
+    DEFAULT_SHAPE_COLUMNS[0].into()
+}
+fn default_width_column() -> String {
+    DEFAULT_SHAPE_COLUMNS[1].into()
+}
+fn default_channels_column() -> String {
+    DEFAULT_SHAPE_COLUMNS[2].into()
 }
 fn default_id_column() -> String {
     "id".into()

@@ -1,5 +1,5 @@
-//! Decode stage: encoded image bytes (PNG, JPEG) -> the model's channels and size as 8-bit
-//! (C, S, S) pixels, in parallel across cores. A row that cannot be decoded never fails the
+//! Decode stage: encoded image bytes (PNG, JPEG) or raw 8-bit pixel columns -> the model's
+//! channels and size as 8-bit (C, S, S) pixels, in parallel across cores. A row that cannot be decoded never fails the
 //! batch: it becomes a [`DecodeFailure`] with a machine-readable reason for the dead-letter
 //! output (or, in training, the skipped-rows report).
 
@@ -11,10 +11,11 @@ use arrow::array::{
     Array, ArrayRef, AsArray, BinaryArray, StringArray, TimestampMicrosecondArray, UInt32Array,
     UInt64Array,
 };
-use arrow::datatypes::DataType;
+use arrow::datatypes::{DataType, Int64Type, Schema, UInt8Type};
 use arrow::record_batch::RecordBatch;
-use image::{ImageReader, Limits};
+use image::{DynamicImage, ImageBuffer, ImageReader, Limits};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use super::{PipelineError, Result};
 use crate::glow::config::GlowConfig;
@@ -136,11 +137,319 @@ pub fn decode_image(
     image_to_pixels(&img, cfg).map_err(|e| fail(DecodeReason::WrongSize, e.to_string()))
 }
 
-/// The byte values of a binary column (Binary, LargeBinary, BinaryView or FixedSizeBinary);
-/// `None` for nulls.
+/// Turns raw 8-bit pixels (row-major, `channels` interleaved: 1 grey, 2 grey+alpha, 3 RGB,
+/// 4 RGBA) into the model's (C, S, S) pixels, with the same conversion and resize as decoded
+/// images.
+pub fn decode_raw(
+    bytes: &[u8],
+    shape: RawShape,
+    cfg: &GlowConfig,
+    limits: &DecodeLimits,
+) -> std::result::Result<Vec<u8>, DecodeFailure> {
+    let RawShape {
+        height,
+        width,
+        channels,
+    } = shape;
+    if bytes.is_empty() {
+        return Err(fail(DecodeReason::Empty, "zero bytes"));
+    }
+    if bytes.len() > limits.max_bytes {
+        return Err(fail(
+            DecodeReason::TooManyBytes,
+            format!("{} bytes > limit {}", bytes.len(), limits.max_bytes),
+        ));
+    }
+    let side = |v: i64, what: &str| -> std::result::Result<u32, DecodeFailure> {
+        if v <= 0 {
+            return Err(fail(DecodeReason::WrongSize, format!("{what} is {v}")));
+        }
+        if v > limits.max_side as i64 {
+            return Err(fail(
+                DecodeReason::TooLarge,
+                format!("{what} {v} > limit {}", limits.max_side),
+            ));
+        }
+        Ok(v as u32)
+    };
+    let (h, w) = (side(height, "height")?, side(width, "width")?);
+    if !(1..=4).contains(&channels) {
+        return Err(fail(
+            DecodeReason::WrongSize,
+            format!("channels is {channels}, expected 1, 2, 3 or 4"),
+        ));
+    }
+    let expected = h as u64 * w as u64 * channels as u64;
+    if bytes.len() as u64 != expected {
+        return Err(fail(
+            DecodeReason::WrongSize,
+            format!(
+                "{} bytes, but height x width x channels = {height} x {width} x {channels} = {expected}",
+                bytes.len()
+            ),
+        ));
+    }
+    let v = bytes.to_vec();
+    let img = match channels {
+        1 => ImageBuffer::from_raw(w, h, v).map(DynamicImage::ImageLuma8),
+        2 => ImageBuffer::from_raw(w, h, v).map(DynamicImage::ImageLumaA8),
+        3 => ImageBuffer::from_raw(w, h, v).map(DynamicImage::ImageRgb8),
+        _ => ImageBuffer::from_raw(w, h, v).map(DynamicImage::ImageRgba8),
+    }
+    .expect("length checked above");
+    image_to_pixels(&img, cfg).map_err(|e| fail(DecodeReason::WrongSize, e.to_string()))
+}
+
+/// Height, width and channel count of a raw pixel record (as stored; checked by [`decode_raw`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawShape {
+    /// Rows of pixels.
+    pub height: i64,
+    /// Pixels per row.
+    pub width: i64,
+    /// Interleaved channels per pixel.
+    pub channels: i64,
+}
+
+/// How records store their image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum PixelFormat {
+    /// Encoded image files (PNG, JPEG, ...) in a binary column.
+    #[default]
+    Encoded,
+    /// Raw 8-bit pixels (binary or list<uint8>, row-major, channels interleaved) with integer
+    /// height, width and channels columns.
+    Raw,
+}
+
+/// Which columns hold a record's image, and in what form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageColumns {
+    /// The image column: encoded bytes, or raw pixels.
+    pub image: String,
+    /// Encoded or raw.
+    pub format: PixelFormat,
+    /// Raw only: the height, width and channels columns (any integer type).
+    pub shape: [String; 3],
+}
+
+/// Default names of the raw-pixel shape columns.
+pub const DEFAULT_SHAPE_COLUMNS: [&str; 3] = ["height", "width", "channels"];
+
+/// One record's image as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageValue<'a> {
+    /// No image (null value).
+    Null,
+    /// Encoded image bytes.
+    Encoded(&'a [u8]),
+    /// Raw pixels; `None` in the shape when one of its columns is null.
+    Raw(&'a [u8], Option<RawShape>),
+}
+
+impl ImageValue<'_> {
+    /// The stored bytes (for dead-letter records).
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Self::Null => None,
+            Self::Encoded(b) | Self::Raw(b, _) => Some(b),
+        }
+    }
+}
+
+impl ImageColumns {
+    /// Encoded images in `image`.
+    pub fn encoded(image: &str) -> Self {
+        Self {
+            image: image.to_string(),
+            format: PixelFormat::Encoded,
+            shape: DEFAULT_SHAPE_COLUMNS.map(String::from),
+        }
+    }
+
+    /// Raw pixels in `image` with shape columns `[height, width, channels]`.
+    pub fn raw(image: &str, shape: [&str; 3]) -> Self {
+        Self {
+            image: image.to_string(),
+            format: PixelFormat::Raw,
+            shape: shape.map(String::from),
+        }
+    }
+
+    /// Every column a decoder needs.
+    pub fn columns(&self) -> Vec<&str> {
+        let mut c = vec![self.image.as_str()];
+        if self.format == PixelFormat::Raw {
+            c.extend(self.shape.iter().map(String::as_str));
+        }
+        c
+    }
+
+    /// Refuses a schema without these columns or with the wrong types, naming the column, so
+    /// bad input fails before any work.
+    pub fn check(&self, schema: &Schema) -> Result<()> {
+        let field = |name: &str| {
+            schema.field_with_name(name).map_err(|_| {
+                PipelineError::Schema(format!(
+                    "input has no column `{name}` (columns: {})",
+                    schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+        };
+        let ty = field(&self.image)?.data_type();
+        if !is_byte_column(ty) {
+            let want = match self.format {
+                PixelFormat::Encoded => "binary (encoded PNG/JPEG bytes)",
+                PixelFormat::Raw => "binary or list<uint8> (raw pixels)",
+            };
+            return Err(PipelineError::Schema(format!(
+                "column `{}` has type {ty}, expected {want}",
+                self.image
+            )));
+        }
+        if self.format == PixelFormat::Raw {
+            for name in &self.shape {
+                let ty = field(name)?.data_type();
+                if !ty.is_integer() {
+                    return Err(PipelineError::Schema(format!(
+                        "raw-pixel shape column `{name}` has type {ty}, expected an integer type"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Each row's image as stored (columns looked up by name).
+    pub fn values<'a>(&self, batch: &'a RecordBatch) -> Result<Vec<ImageValue<'a>>> {
+        self.check(batch.schema_ref())?;
+        let column = |name: &str| batch.column_by_name(name).expect("checked");
+        let bytes = byte_values(column(&self.image))?;
+        Ok(match self.format {
+            PixelFormat::Encoded => bytes
+                .into_iter()
+                .map(|b| b.map_or(ImageValue::Null, ImageValue::Encoded))
+                .collect(),
+            PixelFormat::Raw => {
+                let dims = self
+                    .shape
+                    .iter()
+                    .map(|name| Ok(arrow::compute::cast(column(name), &DataType::Int64)?))
+                    .collect::<Result<Vec<ArrayRef>>>()?;
+                let dims: Vec<_> = dims.iter().map(|d| d.as_primitive::<Int64Type>()).collect();
+                bytes
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, b)| match b {
+                        None => ImageValue::Null,
+                        Some(b) => {
+                            let shape = dims.iter().all(|d| d.is_valid(i)).then(|| RawShape {
+                                height: dims[0].value(i),
+                                width: dims[1].value(i),
+                                channels: dims[2].value(i),
+                            });
+                            ImageValue::Raw(b, shape)
+                        }
+                    })
+                    .collect()
+            }
+        })
+    }
+}
+
+/// Decodes one stored image to the model's (C, S, S) 8-bit pixels.
+pub fn decode_value(
+    value: &ImageValue,
+    cfg: &GlowConfig,
+    limits: &DecodeLimits,
+) -> std::result::Result<Vec<u8>, DecodeFailure> {
+    match value {
+        ImageValue::Null => Err(fail(DecodeReason::Null, "image is null")),
+        ImageValue::Encoded(b) => decode_image(b, cfg, limits),
+        ImageValue::Raw(_, None) => Err(fail(
+            DecodeReason::Null,
+            "a height, width or channels value is null",
+        )),
+        ImageValue::Raw(b, Some(shape)) => decode_raw(b, *shape, cfg, limits),
+    }
+}
+
+/// Decodes every record of a batch in parallel; row `i` of the result is row `i` of the batch.
+pub fn decode_rows(
+    values: &[ImageValue],
+    cfg: &GlowConfig,
+    limits: &DecodeLimits,
+) -> Vec<std::result::Result<Vec<u8>, DecodeFailure>> {
+    values
+        .par_iter()
+        .map(|v| decode_value(v, cfg, limits))
+        .collect()
+}
+
+/// Whether a column type can hold an image's bytes: binary types and lists of uint8.
+pub fn is_byte_column(ty: &DataType) -> bool {
+    match ty {
+        DataType::Binary
+        | DataType::LargeBinary
+        | DataType::BinaryView
+        | DataType::FixedSizeBinary(_) => true,
+        DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
+            f.data_type() == &DataType::UInt8
+        }
+        _ => false,
+    }
+}
+
+/// The byte values of a byte column (Binary, LargeBinary, BinaryView, FixedSizeBinary, or a
+/// List / LargeList / FixedSizeList of uint8, whose null elements read as 0); `None` for nulls.
 pub fn binary_values(array: &ArrayRef) -> Result<Vec<Option<&[u8]>>> {
+    byte_values(array)
+}
+
+fn byte_values(array: &ArrayRef) -> Result<Vec<Option<&[u8]>>> {
     let n = array.len();
     Ok(match array.data_type() {
+        DataType::List(f) if f.data_type() == &DataType::UInt8 => {
+            let a = array.as_list::<i32>();
+            let child = a.values().as_primitive::<UInt8Type>().values();
+            let off = a.value_offsets();
+            (0..n)
+                .map(|i| {
+                    a.is_valid(i)
+                        .then(|| &child[off[i] as usize..off[i + 1] as usize])
+                })
+                .collect()
+        }
+        DataType::LargeList(f) if f.data_type() == &DataType::UInt8 => {
+            let a = array.as_list::<i64>();
+            let child = a.values().as_primitive::<UInt8Type>().values();
+            let off = a.value_offsets();
+            (0..n)
+                .map(|i| {
+                    a.is_valid(i)
+                        .then(|| &child[off[i] as usize..off[i + 1] as usize])
+                })
+                .collect()
+        }
+        DataType::FixedSizeList(f, len) if f.data_type() == &DataType::UInt8 => {
+            let a = array.as_fixed_size_list();
+            let child = a.values().as_primitive::<UInt8Type>().values();
+            let len = *len as usize;
+            (0..n)
+                .map(|i| {
+                    a.is_valid(i).then(|| {
+                        let start = a.value_offset(i) as usize;
+                        &child[start..start + len]
+                    })
+                })
+                .collect()
+        }
         DataType::Binary => {
             let a = array.as_binary::<i32>();
             (0..n).map(|i| a.is_valid(i).then(|| a.value(i))).collect()
@@ -159,7 +468,7 @@ pub fn binary_values(array: &ArrayRef) -> Result<Vec<Option<&[u8]>>> {
         }
         other => {
             return Err(PipelineError::Schema(format!(
-                "image column has type {other}, expected a binary type (encoded PNG/JPEG bytes)"
+                "image column has type {other}, expected binary or list<uint8>"
             )));
         }
     })
@@ -217,23 +526,20 @@ pub struct DecodedBatch {
     pub reasons: Vec<DecodeReason>,
 }
 
-/// Decodes a batch of input records (columns `image_column` and optionally `id_column`),
+/// Decodes a batch of input records (the image columns and optionally `id_column`),
 /// splitting it into decodable rows and dead-letter records with reason, detail, coordinates
 /// and the original bytes.
 pub fn decode_batch(
     origin: BatchOrigin,
     batch: &RecordBatch,
-    image_column: &str,
+    image: &ImageColumns,
     id_column: &str,
     cfg: &GlowConfig,
     limits: &DecodeLimits,
     at: std::time::SystemTime,
 ) -> Result<DecodedBatch> {
-    let images = batch
-        .column_by_name(image_column)
-        .ok_or_else(|| PipelineError::Schema(format!("input has no column `{image_column}`")))?;
-    let bytes = binary_values(images)?;
-    let decoded = decode_values(&bytes, cfg, limits);
+    let values = image.values(batch)?;
+    let decoded = decode_rows(&values, cfg, limits);
     let ids: Option<Vec<Option<String>>> = match batch.column_by_name(id_column) {
         Some(a) => {
             let s = arrow::compute::cast(a, &DataType::Utf8)?;
@@ -262,7 +568,7 @@ pub fn decode_batch(
                 d_reason.push(f.reason.as_str());
                 d_detail.push(f.detail);
                 d_row.push(origin.first_row + i as u64);
-                d_img.push(bytes[i]);
+                d_img.push(values[i].bytes());
                 reasons.push(f.reason);
             }
         }
@@ -379,5 +685,84 @@ mod tests {
         }
         let ints: ArrayRef = Arc::new(arrow::array::Int32Array::from(vec![1]));
         assert!(decode_array(&ints, &cfg, &DecodeLimits::default()).is_err());
+    }
+
+    #[test]
+    fn raw_pixels_match_the_decoded_png_and_bad_shapes_get_reasons() {
+        let cfg = GlowConfig::small(1);
+        let lim = DecodeLimits::default();
+        let img = GrayImage::from_fn(28, 28, |x, y| Luma([((x * 9 + y) % 256) as u8]));
+        let mut enc = Cursor::new(Vec::new());
+        img.write_to(&mut enc, ImageFormat::Png).unwrap();
+        let shape = |height, width, channels| RawShape {
+            height,
+            width,
+            channels,
+        };
+        let from_png = decode_image(enc.get_ref(), &cfg, &lim).unwrap();
+        assert_eq!(
+            decode_raw(img.as_raw(), shape(28, 28, 1), &cfg, &lim).unwrap(),
+            from_png
+        );
+        let reason = |b: &[u8], s| decode_raw(b, s, &cfg, &lim).unwrap_err().reason;
+        assert_eq!(
+            reason(img.as_raw(), shape(28, 27, 1)),
+            DecodeReason::WrongSize
+        );
+        assert_eq!(
+            reason(img.as_raw(), shape(28, 28, 5)),
+            DecodeReason::WrongSize
+        );
+        assert_eq!(
+            reason(img.as_raw(), shape(0, 28, 1)),
+            DecodeReason::WrongSize
+        );
+        assert_eq!(
+            reason(img.as_raw(), shape(-3, 28, 1)),
+            DecodeReason::WrongSize
+        );
+        assert_eq!(
+            reason(img.as_raw(), shape(50_000, 50_000, 1)),
+            DecodeReason::TooLarge
+        );
+        assert_eq!(reason(&[], shape(28, 28, 1)), DecodeReason::Empty);
+        let v = ImageValue::Raw(img.as_raw(), None);
+        assert_eq!(
+            decode_value(&v, &cfg, &lim).unwrap_err().reason,
+            DecodeReason::Null
+        );
+    }
+
+    #[test]
+    fn list_of_uint8_columns_give_each_rows_bytes() {
+        use arrow::array::{FixedSizeListArray, ListArray, UInt8Array};
+        use arrow::datatypes::{Field, UInt8Type};
+        let rows = vec![
+            Some(vec![Some(1u8), Some(2), Some(3)]),
+            None,
+            Some(vec![Some(4), Some(5), Some(6)]),
+        ];
+        let list: ArrayRef = Arc::new(ListArray::from_iter_primitive::<UInt8Type, _, _>(
+            rows.clone(),
+        ));
+        // A slice, so offsets into the child values are exercised.
+        let sliced = list.slice(1, 2);
+        let got = binary_values(&sliced).unwrap();
+        assert_eq!(got, vec![None, Some(&[4u8, 5, 6][..])]);
+        let fixed: ArrayRef = Arc::new(FixedSizeListArray::new(
+            Arc::new(Field::new("item", DataType::UInt8, true)),
+            3,
+            Arc::new(UInt8Array::from(vec![1u8, 2, 3, 0, 0, 0, 4, 5, 6])),
+            Some(vec![true, false, true].into()),
+        ));
+        let sliced = fixed.slice(1, 2);
+        let got = binary_values(&sliced).unwrap();
+        assert_eq!(got, vec![None, Some(&[4u8, 5, 6][..])]);
+        assert!(is_byte_column(list.data_type()));
+        assert!(!is_byte_column(&DataType::List(Arc::new(Field::new(
+            "item",
+            DataType::Int32,
+            true
+        )))));
     }
 }

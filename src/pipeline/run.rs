@@ -136,7 +136,8 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
     // Check the input before any work.
     let source = ParquetSource::open(&cfg.source.paths)?;
     let schema = source.schema().clone();
-    source.image_column_index(&cfg.source.image_column)?;
+    let image_columns = cfg.source.image_columns();
+    image_columns.check(&schema)?;
     let truth_idx = match &cfg.summary.truth_column {
         Some(t) => {
             let i = source.column_index(t)?;
@@ -198,7 +199,7 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
                 let d = decode_batch(
                     b.origin,
                     &b.batch,
-                    &cfg.source.image_column,
+                    &image_columns,
                     &cfg.source.id_column,
                     &model_cfg,
                     &limits,

@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use crate::glow::config::GlowConfig;
-use crate::pipeline::decode::{DecodeLimits, DecodeReason, decode_array};
+use crate::pipeline::decode::{DecodeLimits, DecodeReason, ImageColumns, decode_rows};
 use crate::pipeline::source::{ParquetSource, RowGroupRef};
 use crate::pipeline::{PipelineError, Result};
 
@@ -87,7 +87,7 @@ impl SkippedRows {
 pub struct ImageDataset {
     source: ParquetSource,
     id_column: Option<String>,
-    image_column: String,
+    image: ImageColumns,
     config: GlowConfig,
     limits: DecodeLimits,
     split: Split,
@@ -124,8 +124,23 @@ impl ImageDataset {
         id_column: &str,
         config: &GlowConfig,
     ) -> Result<Self> {
+        Self::open_columns(
+            paths,
+            &ImageColumns::encoded(image_column),
+            id_column,
+            config,
+        )
+    }
+
+    /// [`ImageDataset::open`] for any image layout (encoded bytes or raw pixel columns).
+    pub fn open_columns(
+        paths: &[PathBuf],
+        image: &ImageColumns,
+        id_column: &str,
+        config: &GlowConfig,
+    ) -> Result<Self> {
         let source = ParquetSource::open(paths)?;
-        source.image_column_index(image_column)?;
+        image.check(source.schema())?;
         let id_column = source
             .schema()
             .index_of(id_column)
@@ -134,7 +149,7 @@ impl ImageDataset {
         Ok(Self {
             source,
             id_column,
-            image_column: image_column.to_string(),
+            image: image.clone(),
             config: config.clone(),
             limits: DecodeLimits::default(),
             split: Split::All,
@@ -178,7 +193,7 @@ impl ImageDataset {
         rg: &RowGroupRef,
         skipped: &mut SkippedRows,
     ) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut cols = vec![self.image_column.as_str()];
+        let mut cols = self.image.columns();
         if let Some(id) = &self.id_column {
             cols.push(id);
         }
@@ -202,7 +217,7 @@ impl ImageDataset {
                 })
                 .collect(),
         };
-        let decoded = decode_array(&column(&self.image_column)?, &self.config, &self.limits)?;
+        let decoded = decode_rows(&self.image.values(&batch)?, &self.config, &self.limits);
         let mut out = Vec::with_capacity(decoded.len());
         for (id, d) in ids.into_iter().zip(decoded) {
             if !self.split.keeps(&id) {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -193,25 +193,6 @@ impl ParquetSource {
                     .join(", ")
             ))
         })
-    }
-
-    /// Checks that `column` exists and holds encoded image bytes (a binary type); returns its
-    /// index. Used by training and the pipeline so both refuse bad input before any work.
-    pub fn image_column_index(&self, column: &str) -> Result<usize> {
-        let idx = self.column_index(column)?;
-        let ty = self.schema.field(idx).data_type();
-        if !matches!(
-            ty,
-            DataType::Binary
-                | DataType::LargeBinary
-                | DataType::BinaryView
-                | DataType::FixedSizeBinary(_)
-        ) {
-            return Err(PipelineError::Schema(format!(
-                "column `{column}` has type {ty}, expected binary (encoded PNG/JPEG bytes)"
-            )));
-        }
-        Ok(idx)
     }
 
     /// Reads one row group, only the named top-level columns, as one record batch.
