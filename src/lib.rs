@@ -5,7 +5,10 @@
 //!   and training.
 //! - [`device`]: `--device auto|cpu|cuda:N`.
 //! - [`bench`]: scoring throughput measurements behind `glowwatch bench`.
-//! - [`train`]: training (so far the optimizer of the method's recipe).
+//! - [`train`]: training: data, the trainer, checkpoints, the optimizer.
+//! - [`pipeline`]: the batch pipeline's stages (source, decode, score, flag, sink) and runner.
+//! - [`eval`]: AUROC/AUPR/FPR95, calibration and reports.
+//! - [`sql`]: SQL over scored data with DataFusion, scoring UDFs (feature `sql`, default).
 //! - [`cli`]: the command-line interface (`main.rs` only calls into it).
 
 pub mod bench;
@@ -15,4 +18,6 @@ pub mod eval;
 pub mod fsutil;
 pub mod glow;
 pub mod pipeline;
+#[cfg(feature = "sql")]
+pub mod sql;
 pub mod train;

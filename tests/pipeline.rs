@@ -14,14 +14,9 @@ use arrow::array::{
     Array, AsArray, BinaryArray, BooleanArray, Int32Array, RecordBatch, StringArray,
 };
 use arrow::datatypes::{DataType, Field, Float64Type, Schema};
-use candle_core::{Device, Tensor};
-use glowwatch::glow::GlowModel;
-use glowwatch::glow::config::GlowConfig;
-use glowwatch::glow::preprocess::pixels_to_tensor;
 use glowwatch::pipeline::config::PipelineConfig;
 use glowwatch::pipeline::run::run_pipeline;
 use glowwatch::pipeline::schema::{JsonSchema, dead_letter_schema, input_schema, scored_schema};
-use glowwatch::train::data::{ImageDataset, SkippedRows};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 fn repo(p: &str) -> PathBuf {
@@ -178,29 +173,7 @@ fn demo_sample_is_the_documented_subset() {
 }
 
 fn tiny_model(dir: &Path) -> PathBuf {
-    let cfg = GlowConfig {
-        scales: 3,
-        steps: 1,
-        hidden: 8,
-        ..GlowConfig::small(1)
-    };
-    let m = GlowModel::new_random(&cfg, 5, &Device::Cpu).unwrap();
-    let data = ImageDataset::open(
-        &[common::shared("fashion_mnist_test.parquet")],
-        "image",
-        "id",
-        &cfg,
-    )
-    .unwrap();
-    let px = data.read_head(256, &mut SkippedRows::default()).unwrap();
-    let x = pixels_to_tensor(&px.pixels, &cfg, 0.0, &Device::Cpu).unwrap();
-    let x =
-        (x.clone() + Tensor::rand(0f32, 1.0 / 256.0, x.shape(), &Device::Cpu).unwrap()).unwrap();
-    m.init_from_data(&x).unwrap();
-    m.perturb(1, 0.02).unwrap();
-    let p = dir.join("tiny.safetensors");
-    m.save(&p).unwrap();
-    p
+    common::tiny_model(dir, 5)
 }
 
 fn pipeline_toml(
@@ -245,31 +218,8 @@ partition = "none"
     )
 }
 
-/// Writes `rows` as a Parquet file with the shared datasets' schema.
 fn write_images(path: &Path, rows: &[(String, Option<Vec<u8>>)]) {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("id", DataType::Utf8, false),
-        Field::new("label", DataType::Int32, true),
-        Field::new("image", DataType::Binary, true),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| r.0.clone()),
-            )),
-            Arc::new(Int32Array::from(vec![None; rows.len()])),
-            Arc::new(BinaryArray::from(
-                rows.iter().map(|r| r.1.as_deref()).collect::<Vec<_>>(),
-            )),
-        ],
-    )
-    .unwrap();
-    let mut w =
-        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None)
-            .unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    common::write_images(path, rows)
 }
 
 #[test]

@@ -2,6 +2,8 @@
 
 mod bench;
 mod bench_pipeline;
+#[cfg(feature = "sql")]
+mod bench_sql;
 mod calibrate;
 mod doctor;
 mod eval;
@@ -9,6 +11,8 @@ mod import;
 mod model;
 mod run;
 mod score;
+#[cfg(feature = "sql")]
+mod sql;
 mod train;
 
 use std::process::ExitCode;
@@ -88,6 +92,12 @@ enum Command {
     Import(import::ImportArgs),
     /// Measure Parquet -> score -> Parquet throughput against pure scoring, decode speed, memory.
     BenchPipeline(bench_pipeline::BenchPipelineArgs),
+    /// SQL over scored data (DataFusion): one query, or a shell without one.
+    #[cfg(feature = "sql")]
+    Sql(sql::SqlArgs),
+    /// Time the README's analyst queries over generated scored data, and the scoring UDF.
+    #[cfg(feature = "sql")]
+    BenchSql(bench_sql::BenchSqlArgs),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -104,6 +114,10 @@ pub fn main() -> ExitCode {
         Command::Score(a) => score::run(a),
         Command::Import(a) => import::run(a),
         Command::BenchPipeline(a) => bench_pipeline::run(a),
+        #[cfg(feature = "sql")]
+        Command::Sql(a) => sql::run(a),
+        #[cfg(feature = "sql")]
+        Command::BenchSql(a) => bench_sql::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

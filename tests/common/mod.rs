@@ -6,7 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{BinaryArray, Int32Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use candle_core::{Device, Tensor};
+use glowwatch::glow::GlowModel;
+use glowwatch::glow::config::GlowConfig;
+use glowwatch::glow::preprocess::pixels_to_tensor;
+use glowwatch::train::data::{ImageDataset, SkippedRows};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::properties::WriterProperties;
@@ -39,4 +45,54 @@ pub fn subset(src: &Path, rows: usize, group: usize, dst: &Path) -> PathBuf {
     }
     w.close().unwrap();
     dst.to_path_buf()
+}
+
+/// A tiny random Glow (L3 K1 w8, grey 32x32) with ActNorm initialised on 256 real
+/// Fashion-MNIST images, saved as `tiny-<seed>.safetensors` in `dir`.
+pub fn tiny_model(dir: &Path, seed: u64) -> PathBuf {
+    let cfg = GlowConfig {
+        scales: 3,
+        steps: 1,
+        hidden: 8,
+        ..GlowConfig::small(1)
+    };
+    let m = GlowModel::new_random(&cfg, seed, &Device::Cpu).unwrap();
+    let data =
+        ImageDataset::open(&[shared("fashion_mnist_test.parquet")], "image", "id", &cfg).unwrap();
+    let px = data.read_head(256, &mut SkippedRows::default()).unwrap();
+    let x = pixels_to_tensor(&px.pixels, &cfg, 0.0, &Device::Cpu).unwrap();
+    let x =
+        (x.clone() + Tensor::rand(0f32, 1.0 / 256.0, x.shape(), &Device::Cpu).unwrap()).unwrap();
+    m.init_from_data(&x).unwrap();
+    m.perturb(1, 0.02).unwrap();
+    let p = dir.join(format!("tiny-{seed}.safetensors"));
+    m.save(&p).unwrap();
+    p
+}
+
+/// Writes `rows` as a Parquet file with the shared datasets' schema.
+pub fn write_images(path: &Path, rows: &[(String, Option<Vec<u8>>)]) {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("label", DataType::Int32, true),
+        Field::new("image", DataType::Binary, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.0.clone()),
+            )),
+            Arc::new(Int32Array::from(vec![None; rows.len()])),
+            Arc::new(BinaryArray::from(
+                rows.iter().map(|r| r.1.as_deref()).collect::<Vec<_>>(),
+            )),
+        ],
+    )
+    .unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None)
+            .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
 }
