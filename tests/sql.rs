@@ -311,3 +311,77 @@ fn missing_table_path_and_write_policy_are_clear_errors() {
         }
     }
 }
+
+fn glowwatch(args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_glowwatch"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn command_formats_and_shell() {
+    let f = fixture();
+    let p = f.pipeline.display().to_string();
+    let base = ["sql", "--pipeline", p.as_str(), "--device", "cpu"];
+    let q = "SELECT label, count(*) AS n FROM scored WHERE label < 2 GROUP BY label ORDER BY label";
+    let run = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let (ok, out, err) = glowwatch(&args, "");
+        assert!(ok, "{err}");
+        out
+    };
+    let table = run(&[q]);
+    assert!(table.contains("| label | n   |"), "{table}");
+    assert_eq!(run(&["--format", "csv", q]), "label,n\n0,232\n1,35\n");
+    assert_eq!(
+        run(&["--format", "json", q]),
+        "{\"label\":0,\"n\":232}\n{\"label\":1,\"n\":35}\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let pq = dir.path().join("out.parquet");
+    run(&["--format", "parquet", "--output", pq.to_str().unwrap(), q]);
+    let b: Vec<_> = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&pq).unwrap())
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    assert_eq!(b.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+    // Images show as sizes in a text table, not as kilobytes of hex.
+    let t = run(&["SELECT image FROM input WHERE id = 'junk'"]);
+    assert!(t.contains("<4 bytes>"), "{t}");
+
+    // A bad query fails with DataFusion's message and position, exit status 1.
+    let (ok, _, err) = glowwatch(&[&base[..], &["SELEC 1"]].concat(), "");
+    assert!(!ok);
+    assert!(err.contains("found: SELEC at Line: 1, Column: 1"), "{err}");
+
+    // The shell: \d lists tables, a statement may span lines, errors do not end it.
+    let (ok, out, err) = glowwatch(
+        &base,
+        "\\d\n\\d dead_letter\nSELECT count(*)\n  AS n FROM scored;\nSELECT nope;\n\\q\n",
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("dead_letter\ninput\nscored\n"), "{out}");
+    assert!(out.contains("reason"), "{out}");
+    assert!(out.contains("| 500 |"), "{out}");
+    assert!(err.contains("No field named nope"), "{err}");
+}
