@@ -289,6 +289,14 @@ fn missing_table_path_and_write_policy_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert_eq!(e, "table `nope`: /definitely/not/here does not exist");
+    let e = rt
+        .block_on(s.register("remote", "s3://bucket/scored/"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no object store for `s3` URLs in this build"),
+        "{e}"
+    );
     let empty = tempfile::tempdir().unwrap();
     let e = rt
         .block_on(s.register("empty", &empty.path().display().to_string()))

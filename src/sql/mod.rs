@@ -128,6 +128,13 @@ impl SqlSession {
             return Err(table_err(format!("{location} does not exist")));
         }
         let url = ListingTableUrl::parse(location).map_err(|e| table_err(e.to_string()))?;
+        if self.ctx.runtime_env().object_store(&url).is_err() {
+            return Err(table_err(format!(
+                "no object store for `{}` URLs in this build (local paths and file:// URLs are \
+                 supported)",
+                url.scheme()
+            )));
+        }
         let options =
             ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
         let state = self.ctx.state();
