@@ -172,10 +172,6 @@ fn demo_sample_is_the_documented_subset() {
     );
 }
 
-fn tiny_model(dir: &Path) -> PathBuf {
-    common::tiny_model(dir, 5)
-}
-
 fn pipeline_toml(
     input: &Path,
     model: &Path,
@@ -218,14 +214,10 @@ partition = "none"
     )
 }
 
-fn write_images(path: &Path, rows: &[(String, Option<Vec<u8>>)]) {
-    common::write_images(path, rows)
-}
-
 #[test]
 fn every_row_once_schemas_sums_and_dead_letters() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = common::tiny_model(dir.path(), 5);
     let input = dir.path().join("in");
     std::fs::create_dir_all(&input).unwrap();
     // 1,500 real rows in row groups of 256, plus a file of bad rows among good ones.
@@ -281,7 +273,7 @@ fn every_row_once_schemas_sums_and_dead_letters() {
         ("huge-header".to_string(), Some(huge)),
         ("good-2".to_string(), Some(good)),
     ];
-    write_images(&input.join("b.parquet"), &bad);
+    common::write_images(&input.join("b.parquet"), &bad);
     let out = dir.path().join("out");
     let cfg = PipelineConfig::parse(
         &pipeline_toml(&input, &model, Some(&model), &out, ""),
@@ -393,7 +385,7 @@ fn every_row_once_schemas_sums_and_dead_letters() {
 #[test]
 fn schema_mismatch_is_an_error_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = common::tiny_model(dir.path(), 5);
     let input = dir.path().join("wrong.parquet");
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Utf8, false),
@@ -433,7 +425,7 @@ fn schema_mismatch_is_an_error_before_any_work() {
 #[test]
 fn killed_run_leaves_no_partial_file_under_a_final_name() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = common::tiny_model(dir.path(), 5);
     let input = common::subset(
         &common::shared("fashion_mnist_train.parquet"),
         20_000,
@@ -506,7 +498,7 @@ fn log_p_by_id(dir: &Path) -> std::collections::BTreeMap<String, f64> {
 fn raw_pixel_columns_score_exactly_like_the_encoded_images() {
     use arrow::array::{ListBuilder, UInt8Builder, UInt16Array};
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = common::tiny_model(dir.path(), 5);
     let encoded = common::subset(
         &common::shared("fashion_mnist_test.parquet"),
         300,
@@ -645,7 +637,7 @@ fn raw_pixel_columns_score_exactly_like_the_encoded_images() {
 #[test]
 fn output_reads_the_same_in_pyarrow_and_duckdb() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = common::tiny_model(dir.path(), 5);
     let input = dir.path().join("in");
     std::fs::create_dir_all(&input).unwrap();
     common::subset(
@@ -654,7 +646,7 @@ fn output_reads_the_same_in_pyarrow_and_duckdb() {
         128,
         &input.join("a.parquet"),
     );
-    write_images(
+    common::write_images(
         &input.join("b.parquet"),
         &[
             ("empty".to_string(), Some(vec![])),

@@ -14,7 +14,6 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::properties::WriterProperties;
 
 use crate::device::DeviceSpec;
-use crate::glow::GlowModel;
 use crate::pipeline::config::{
     DecodeConfig, FlagConfig, ModelsConfig, ParquetSinkConfig, PipelineConfig, SinksConfig,
     SourceConfig, SummaryConfig,
@@ -83,14 +82,13 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
         w.close()?;
     }
 
-    let dev = a.device.open().map_err(anyhow::Error::msg)?;
-    let m = GlowModel::load(&a.model, &dev)?;
-    let g = a
-        .general
-        .as_ref()
-        .map(|p| GlowModel::load(p, &dev))
-        .transpose()?;
-    let scorer = ModelScorer::new(&m, g.as_ref(), &dev, Precision::F32, a.batch)?;
+    let scorer = ModelScorer::load(
+        &a.model,
+        a.general.as_deref(),
+        a.device,
+        Precision::F32,
+        a.batch,
+    )?;
     let cfg = scorer.config().clone();
 
     // Decode throughput: one core, then all cores.

@@ -9,7 +9,6 @@ use clap::Args;
 
 use crate::device::DeviceSpec;
 use crate::eval::{EvalReport, ScoredSet, report};
-use crate::glow::GlowModel;
 use crate::pipeline::decode::ImageColumns;
 use crate::pipeline::score::ModelScorer;
 use crate::train::data::{ImageDataset, SkippedRows, Split};
@@ -102,10 +101,9 @@ pub(super) fn load_scorer(
     precision: Precision,
     batch: usize,
 ) -> Result<ModelScorer> {
-    let dev = device.open().map_err(anyhow::Error::msg)?;
-    let m = GlowModel::load(model, &dev)?;
-    let g = general.map(|p| GlowModel::load(p, &dev)).transpose()?;
-    Ok(ModelScorer::new(&m, g.as_ref(), &dev, precision, batch)?)
+    Ok(ModelScorer::load(
+        model, general, *device, precision, batch,
+    )?)
 }
 
 /// Runs `glowwatch eval`.

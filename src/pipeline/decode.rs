@@ -330,7 +330,7 @@ impl ImageColumns {
     pub fn values<'a>(&self, batch: &'a RecordBatch) -> Result<Vec<ImageValue<'a>>> {
         self.check(batch.schema_ref())?;
         let column = |name: &str| batch.column_by_name(name).expect("checked");
-        let bytes = byte_values(column(&self.image))?;
+        let bytes = binary_values(column(&self.image))?;
         Ok(match self.format {
             PixelFormat::Encoded => bytes
                 .into_iter()
@@ -409,33 +409,13 @@ pub fn is_byte_column(ty: &DataType) -> bool {
 /// The byte values of a byte column (Binary, LargeBinary, BinaryView, FixedSizeBinary, or a
 /// List / LargeList / FixedSizeList of uint8, whose null elements read as 0); `None` for nulls.
 pub fn binary_values(array: &ArrayRef) -> Result<Vec<Option<&[u8]>>> {
-    byte_values(array)
-}
-
-fn byte_values(array: &ArrayRef) -> Result<Vec<Option<&[u8]>>> {
     let n = array.len();
     Ok(match array.data_type() {
         DataType::List(f) if f.data_type() == &DataType::UInt8 => {
-            let a = array.as_list::<i32>();
-            let child = a.values().as_primitive::<UInt8Type>().values();
-            let off = a.value_offsets();
-            (0..n)
-                .map(|i| {
-                    a.is_valid(i)
-                        .then(|| &child[off[i] as usize..off[i + 1] as usize])
-                })
-                .collect()
+            list_bytes(array.as_list::<i32>())
         }
         DataType::LargeList(f) if f.data_type() == &DataType::UInt8 => {
-            let a = array.as_list::<i64>();
-            let child = a.values().as_primitive::<UInt8Type>().values();
-            let off = a.value_offsets();
-            (0..n)
-                .map(|i| {
-                    a.is_valid(i)
-                        .then(|| &child[off[i] as usize..off[i + 1] as usize])
-                })
-                .collect()
+            list_bytes(array.as_list::<i64>())
         }
         DataType::FixedSizeList(f, len) if f.data_type() == &DataType::UInt8 => {
             let a = array.as_fixed_size_list();
@@ -472,6 +452,20 @@ fn byte_values(array: &ArrayRef) -> Result<Vec<Option<&[u8]>>> {
             )));
         }
     })
+}
+
+/// Each row's slice of a list<uint8> column's child values; `None` for nulls.
+fn list_bytes<O: arrow::array::OffsetSizeTrait>(
+    a: &arrow::array::GenericListArray<O>,
+) -> Vec<Option<&[u8]>> {
+    let child = a.values().as_primitive::<UInt8Type>().values();
+    let off = a.value_offsets();
+    (0..a.len())
+        .map(|i| {
+            a.is_valid(i)
+                .then(|| &child[off[i].as_usize()..off[i + 1].as_usize()])
+        })
+        .collect()
 }
 
 /// Decodes every row of a binary image column in parallel; row `i` of the result is row `i`

@@ -187,6 +187,20 @@ impl ModelScorer {
         })
     }
 
+    /// Loads the model files (and the general model's) on `device` and builds their scorers.
+    pub fn load(
+        model: &std::path::Path,
+        general: Option<&std::path::Path>,
+        device: crate::device::DeviceSpec,
+        precision: Precision,
+        batch: usize,
+    ) -> Result<Self, GlowError> {
+        let dev = device.open().map_err(GlowError::Input)?;
+        let m = GlowModel::load(model, &dev)?;
+        let g = general.map(|p| GlowModel::load(p, &dev)).transpose()?;
+        Self::new(&m, g.as_ref(), &dev, precision, batch)
+    }
+
     /// The input configuration (channels, size, preprocessing) both models share.
     pub fn config(&self) -> &GlowConfig {
         &self.config

@@ -26,6 +26,7 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::parser::DFParser;
 
 use crate::pipeline::config::PipelineConfig;
+use crate::pipeline::source::parquet::parquet_files;
 use udf::SqlModels;
 
 /// Errors of the SQL layer.
@@ -166,7 +167,7 @@ impl SqlSession {
         ];
         for (name, path) in sinks {
             // A pipeline that has not run yet (or wrote no dead letters) has no such table.
-            if path.exists() && has_parquet(path) {
+            if parquet_files(path).is_ok_and(|f| !f.is_empty()) {
                 self.register(name, &path.display().to_string()).await?;
                 names.push(name.to_string());
             }
@@ -222,19 +223,4 @@ impl SqlSession {
             _ => Ok(()),
         }
     }
-}
-
-/// True when `dir` (or the file itself) contains a `.parquet` file somewhere below it.
-fn has_parquet(path: &Path) -> bool {
-    if path.is_file() {
-        return true;
-    }
-    std::fs::read_dir(path)
-        .map(|rd| {
-            rd.flatten().any(|e| {
-                let p = e.path();
-                p.extension().is_some_and(|x| x == "parquet") || (p.is_dir() && has_parquet(&p))
-            })
-        })
-        .unwrap_or(false)
 }

@@ -59,13 +59,8 @@ impl SqlModels {
         score: ScoreKind,
         limits: DecodeLimits,
     ) -> anyhow::Result<Self> {
-        let dev = device.open().map_err(anyhow::Error::msg)?;
-        let m = crate::glow::GlowModel::load(model, &dev)?;
-        let g = general
-            .map(|p| crate::glow::GlowModel::load(p, &dev))
-            .transpose()?;
         Ok(Self {
-            scorer: ModelScorer::new(&m, g.as_ref(), &dev, crate::bench::Precision::F32, batch)?,
+            scorer: ModelScorer::load(model, general, device, crate::bench::Precision::F32, batch)?,
             score,
             limits,
         })

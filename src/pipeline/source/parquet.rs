@@ -49,6 +49,14 @@ fn open(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     ParquetRecordBatchReaderBuilder::try_new(f).map_err(parquet_err(path))
 }
 
+/// The Parquet files at `path` (the file itself, or every `*.parquet` below a directory, skipping
+/// hidden and `_`-prefixed entries), in sorted order.
+pub fn parquet_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    collect_files(path, &mut out)?;
+    Ok(out)
+}
+
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|source| PipelineError::Io {
         path: path.display().to_string(),
