@@ -83,6 +83,13 @@ fn schema_files_match_the_code() {
             ),
         ),
         (
+            "kafka_input.json",
+            JsonSchema::from_arrow(
+                "Record read from a Kafka message (the start of a Kafka pipeline's scored record): key or envelope id, value (encoded image), headers content-type/source/capture-time, and the message's coordinates and timestamp for de-duplication.",
+                &glowwatch::pipeline::source::kafka::kafka_input_schema(),
+            ),
+        ),
+        (
             "dead_letter.json",
             JsonSchema::from_arrow(
                 "Record of an input row that could not be decoded: id, reason, detail, coordinates and the original bytes.",

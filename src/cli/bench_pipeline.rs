@@ -142,11 +142,12 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
             calibration: None,
             threshold: Some(0.0),
         },
-        sinks: SinksConfig {
-            scored: ParquetSinkConfig::unpartitioned(tmp.join("scored")),
-            dead_letter: ParquetSinkConfig::unpartitioned(tmp.join("dead")),
-        },
+        sinks: SinksConfig::parquet(
+            ParquetSinkConfig::unpartitioned(tmp.join("scored")),
+            ParquetSinkConfig::unpartitioned(tmp.join("dead")),
+        ),
         summary: SummaryConfig::default(),
+        metrics: Default::default(),
     };
     let s = run_pipeline(&pcfg)?;
     println!("{:<44} {:>12}", "measurement", "value");

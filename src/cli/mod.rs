@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_pipeline;
+mod bench_stream;
 #[cfg(feature = "sql")]
 mod bench_sql;
 mod calibrate;
@@ -9,6 +10,7 @@ mod doctor;
 mod eval;
 mod import;
 mod model;
+mod produce;
 mod run;
 mod score;
 #[cfg(feature = "sql")]
@@ -84,7 +86,7 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Pick a score's threshold at a target false-positive rate from in-distribution data.
     Calibrate(calibrate::CalibrateArgs),
-    /// Run a pipeline (pipelines/*.toml): Parquet in -> decode -> score -> flag -> Parquet out.
+    /// Run a pipeline (pipelines/*.toml): Parquet or Kafka in -> decode -> score -> flag -> Parquet / Kafka out.
     Run(run::RunArgs),
     /// One-off scoring: Parquet in, scored Parquet out (dead letters in <output>/_dead_letter).
     Score(score::ScoreArgs),
@@ -92,6 +94,10 @@ enum Command {
     Import(import::ImportArgs),
     /// Measure Parquet -> score -> Parquet throughput against pure scoring, decode speed, memory.
     BenchPipeline(bench_pipeline::BenchPipelineArgs),
+    /// Publish images from Parquet to a Kafka topic (optionally at a fixed rate).
+    Produce(produce::ProduceArgs),
+    /// Kafka pipeline against a running broker: saturation, latency at a fixed load, memory under overload.
+    BenchStream(bench_stream::BenchStreamArgs),
     /// SQL over scored data (DataFusion): one query, or a shell without one.
     #[cfg(feature = "sql")]
     Sql(sql::SqlArgs),
@@ -114,6 +120,8 @@ pub fn main() -> ExitCode {
         Command::Score(a) => score::run(a),
         Command::Import(a) => import::run(a),
         Command::BenchPipeline(a) => bench_pipeline::run(a),
+        Command::Produce(a) => produce::run(a),
+        Command::BenchStream(a) => bench_stream::run(a),
         #[cfg(feature = "sql")]
         Command::Sql(a) => sql::run(a),
         #[cfg(feature = "sql")]

@@ -1,12 +1,17 @@
-//! `glowwatch run pipelines/<name>.toml`: run a pipeline and print its summary.
+//! `glowwatch run pipelines/<name>.toml`: run a pipeline (Parquet batch or Kafka stream) and
+//! print its summary.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::pipeline::config::PipelineConfig;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::pipeline::config::{PipelineConfig, SourceKind};
 use crate::pipeline::run::{RunSummary, run_pipeline};
+use crate::pipeline::stream::{StreamSummary, run_stream};
 
 /// Arguments of `glowwatch run`.
 #[derive(Debug, Args)]
@@ -61,9 +66,71 @@ pub(super) fn print_summary(s: &RunSummary, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Runs `glowwatch run`.
+/// Prints the summary of a stopped streaming run.
+fn print_stream_summary(s: &StreamSummary, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    println!(
+        "pipeline {}: stopped after {:.1} s; consumed {} | scored {} | flagged {} | non-finite {} | dead-lettered {}{} | {} commits",
+        s.pipeline,
+        s.elapsed_s,
+        s.consumed,
+        s.scored,
+        s.flagged,
+        s.non_finite,
+        s.dead_lettered,
+        if s.dead_by_reason.is_empty() {
+            String::new()
+        } else {
+            format!(" {:?}", s.dead_by_reason)
+        },
+        s.commits
+    );
+    for f in &s.scored_files {
+        println!("  scored:      {f}");
+    }
+    for f in &s.dead_letter_files {
+        println!("  dead letter: {f}");
+    }
+    Ok(())
+}
+
+/// Structured logs on stderr; `RUST_LOG` overrides the default `info` level.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs `glowwatch run`: a Parquet pipeline to completion, or a Kafka pipeline until SIGINT or
+/// SIGTERM (then it drains, flushes, commits and exits 0).
 pub fn run(a: RunArgs) -> Result<()> {
     let cfg = PipelineConfig::load(&a.pipeline)?;
-    let s = run_pipeline(&cfg).with_context(|| format!("pipeline {}", a.pipeline.display()))?;
-    print_summary(&s, a.json)
+    let what = || format!("pipeline {}", a.pipeline.display());
+    match cfg.source.kind {
+        SourceKind::Parquet => {
+            let s = run_pipeline(&cfg).with_context(what)?;
+            print_summary(&s, a.json)
+        }
+        SourceKind::Kafka => {
+            init_logging();
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = Arc::clone(&stop);
+            ctrlc::set_handler(move || {
+                if flag.swap(true, Ordering::SeqCst) {
+                    eprintln!("second signal: exiting without draining");
+                    std::process::exit(130);
+                }
+                tracing::info!("signal received: draining, flushing and committing");
+            })
+            .context("installing the SIGINT/SIGTERM handler")?;
+            let s = run_stream(&cfg, &stop).with_context(what)?;
+            print_stream_summary(&s, a.json)
+        }
+    }
 }

@@ -76,11 +76,12 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             calibration,
             threshold: a.threshold,
         },
-        sinks: SinksConfig {
-            scored: ParquetSinkConfig::unpartitioned(a.output.clone()),
-            dead_letter: ParquetSinkConfig::unpartitioned(a.output.join("_dead_letter")),
-        },
+        sinks: SinksConfig::parquet(
+            ParquetSinkConfig::unpartitioned(a.output.clone()),
+            ParquetSinkConfig::unpartitioned(a.output.join("_dead_letter")),
+        ),
         summary: SummaryConfig::default(),
+        metrics: Default::default(),
     };
     let s = run_pipeline(&cfg)?;
     print_summary(&s, a.json)

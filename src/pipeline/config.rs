@@ -32,20 +32,36 @@ pub struct PipelineConfig {
     /// Optional evaluation of a labelled run (the demo).
     #[serde(default)]
     pub summary: SummaryConfig,
+    /// The Prometheus `/metrics` endpoint of a streaming pipeline.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address to serve `/metrics` on (e.g. `127.0.0.1:9898`); none = no endpoint.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 fn default_name() -> String {
     "pipeline".into()
 }
 
-/// Parquet source.
+/// Where records come from: Parquet files (`paths`) or Kafka topics (`[source.kafka]`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// `parquet` (Kafka arrives with the streaming issue).
+    /// `parquet` or `kafka`.
     pub kind: SourceKind,
-    /// Files or directories (searched recursively for `*.parquet`).
+    /// Parquet: files or directories (searched recursively for `*.parquet`).
+    #[serde(default)]
     pub paths: Vec<PathBuf>,
+    /// Kafka: brokers, group, topics, batching (see [`KafkaSourceConfig`]).
+    #[serde(default)]
+    pub kafka: Option<KafkaSourceConfig>,
     /// Column of the image: encoded bytes, or raw pixels when `pixels = "raw"`.
     #[serde(default = "default_image_column")]
     pub image_column: String,
@@ -77,6 +93,7 @@ impl SourceConfig {
         Self {
             kind: SourceKind::Parquet,
             paths,
+            kafka: None,
             image_column: image.image,
             pixels: image.format,
             height_column,
@@ -107,6 +124,106 @@ impl SourceConfig {
 pub enum SourceKind {
     /// Parquet files.
     Parquet,
+    /// Kafka topics, consumed in a consumer group (runs until stopped).
+    Kafka,
+}
+
+/// How Kafka message values carry the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageFormat {
+    /// The value is the encoded image; the key is the record id; headers carry metadata.
+    #[default]
+    Image,
+    /// The value is JSON `{"id", "image_b64", "content_type", "source", "capture_time"}` for
+    /// producers that cannot set headers.
+    JsonEnvelope,
+}
+
+/// A Kafka source: a consumer in a consumer group with manual, at-least-once commits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// `bootstrap.servers`, e.g. `127.0.0.1:9092`.
+    pub brokers: String,
+    /// Consumer group id.
+    pub group: String,
+    /// Topics to consume.
+    pub topics: Vec<String>,
+    /// Message layout.
+    #[serde(default)]
+    pub format: MessageFormat,
+    /// A micro-batch is sent to decoding when it has this many records ...
+    #[serde(default = "default_max_batch_rows")]
+    pub max_batch_rows: usize,
+    /// ... or when its first record has waited this long (low latency at low load).
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+    /// Commit durable offsets at most this often (and always on shutdown and revocation).
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// Where a group without committed offsets starts: `earliest` or `latest`.
+    #[serde(default = "default_offset_reset")]
+    pub offset_reset: String,
+    /// On partition revocation, wait this long for in-flight batches of those partitions to
+    /// become durable before giving them up (uncommitted records are redelivered).
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    /// Extra librdkafka settings passed through (security.protocol, sasl.*, ssl.*, ...).
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+}
+
+fn default_max_batch_rows() -> usize {
+    256
+}
+fn default_max_wait_ms() -> u64 {
+    200
+}
+fn default_commit_interval_ms() -> u64 {
+    1000
+}
+fn default_offset_reset() -> String {
+    "earliest".into()
+}
+fn default_drain_timeout_ms() -> u64 {
+    10_000
+}
+
+/// Scored records and dead letters to Kafka topics.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// `bootstrap.servers`; defaults to the Kafka source's.
+    #[serde(default)]
+    pub brokers: Option<String>,
+    /// Topic of scored records (keyed by record id).
+    #[serde(default)]
+    pub scored_topic: Option<String>,
+    /// `json` (one record per message, the default) or `arrow` (one Arrow IPC stream per
+    /// micro-batch).
+    #[serde(default)]
+    pub format: ScoredFormat,
+    /// Keep the image bytes in scored messages (off: scored messages carry scores and metadata).
+    #[serde(default)]
+    pub include_image: bool,
+    /// Topic of dead letters: original bytes, with reason and coordinates in headers.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// Extra librdkafka producer settings.
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+}
+
+/// Encoding of scored Kafka messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoredFormat {
+    /// One JSON object per record.
+    #[default]
+    Json,
+    /// One Arrow IPC stream per micro-batch.
+    Arrow,
 }
 
 fn default_image_column() -> String {
@@ -214,14 +331,41 @@ pub struct FlagConfig {
     pub threshold: Option<f64>,
 }
 
-/// Sinks.
+/// Sinks. A Parquet source needs both Parquet sinks; a Kafka source needs somewhere for scored
+/// records and somewhere for dead letters (Parquet, Kafka topics or both).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinksConfig {
-    /// Scored records.
-    pub scored: ParquetSinkConfig,
-    /// Records that could not be decoded.
-    pub dead_letter: ParquetSinkConfig,
+    /// Scored records (Parquet).
+    #[serde(default)]
+    pub scored: Option<ParquetSinkConfig>,
+    /// Records that could not be decoded (Parquet).
+    #[serde(default)]
+    pub dead_letter: Option<ParquetSinkConfig>,
+    /// Kafka topics for scored records and dead letters.
+    #[serde(default)]
+    pub kafka: Option<KafkaSinkConfig>,
+}
+
+impl SinksConfig {
+    /// Both Parquet sinks and no Kafka sink (the batch pipeline).
+    pub fn parquet(scored: ParquetSinkConfig, dead_letter: ParquetSinkConfig) -> Self {
+        Self {
+            scored: Some(scored),
+            dead_letter: Some(dead_letter),
+            kafka: None,
+        }
+    }
+
+    /// The scored Kafka topic, if any.
+    pub fn scored_topic(&self) -> Option<&str> {
+        self.kafka.as_ref().and_then(|k| k.scored_topic.as_deref())
+    }
+
+    /// The dead-letter Kafka topic, if any.
+    pub fn dead_letter_topic(&self) -> Option<&str> {
+        self.kafka.as_ref().and_then(|k| k.dead_letter_topic.as_deref())
+    }
 }
 
 /// A rolling Parquet sink.
@@ -337,14 +481,63 @@ impl PipelineConfig {
         if let Some(c) = &mut self.flag.calibration {
             fix(c);
         }
-        fix(&mut self.sinks.scored.path);
-        fix(&mut self.sinks.dead_letter.path);
+        if let Some(s) = &mut self.sinks.scored {
+            fix(&mut s.path);
+        }
+        if let Some(s) = &mut self.sinks.dead_letter {
+            fix(&mut s.path);
+        }
     }
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(PipelineError::Config(m));
-        if self.source.paths.is_empty() {
-            return bad("source.paths: at least one path is needed".into());
+        match self.source.kind {
+            SourceKind::Parquet => {
+                if self.source.paths.is_empty() {
+                    return bad("source.paths: at least one path is needed".into());
+                }
+                if self.source.kafka.is_some() {
+                    return bad("source.kafka is for kind = \"kafka\"".into());
+                }
+                if self.sinks.scored.is_none() || self.sinks.dead_letter.is_none() {
+                    return bad(
+                        "sinks.scored and sinks.dead_letter (Parquet) are needed for a Parquet source"
+                            .into(),
+                    );
+                }
+                if self.sinks.kafka.is_some() {
+                    return bad("sinks.kafka needs a Kafka source".into());
+                }
+            }
+            SourceKind::Kafka => {
+                let Some(k) = &self.source.kafka else {
+                    return bad("source.kafka (brokers, group, topics) is needed for kind = \"kafka\"".into());
+                };
+                if !self.source.paths.is_empty() {
+                    return bad("source.paths is for kind = \"parquet\"".into());
+                }
+                if k.topics.is_empty() {
+                    return bad("source.kafka.topics: at least one topic is needed".into());
+                }
+                if k.max_batch_rows == 0 {
+                    return bad("source.kafka.max_batch_rows must be at least 1".into());
+                }
+                if !matches!(k.offset_reset.as_str(), "earliest" | "latest") {
+                    return bad(format!(
+                        "source.kafka.offset_reset: `{}` (earliest or latest)",
+                        k.offset_reset
+                    ));
+                }
+                if self.source.pixels != PixelFormat::Encoded {
+                    return bad("source.pixels = \"raw\" is for Parquet sources; Kafka values are encoded images".into());
+                }
+                if self.sinks.scored.is_none() && self.sinks.scored_topic().is_none() {
+                    return bad("scored records need a sink: sinks.scored (Parquet) or sinks.kafka.scored_topic".into());
+                }
+                if self.sinks.dead_letter.is_none() && self.sinks.dead_letter_topic().is_none() {
+                    return bad("dead letters need a sink: sinks.dead_letter (Parquet) or sinks.kafka.dead_letter_topic".into());
+                }
+            }
         }
         if self.source.batch_rows == 0 {
             return bad("source.batch_rows must be at least 1".into());
@@ -372,6 +565,7 @@ impl PipelineConfig {
             ("sinks.scored", &self.sinks.scored),
             ("sinks.dead_letter", &self.sinks.dead_letter),
         ] {
+            let Some(s) = s else { continue };
             super::sink::parquet::compression(&s.compression)
                 .map_err(|e| PipelineError::Config(format!("{name}.compression: {e}")))?;
             if s.row_group_rows == 0 || s.max_file_rows == 0 {
@@ -411,8 +605,8 @@ mod tests {
         assert_eq!(c.source.paths, vec![PathBuf::from("/etc/p/in")]);
         assert_eq!(c.models.general, Some(PathBuf::from("/abs/g.safetensors")));
         assert_eq!(c.flag.score, ScoreKind::Llr);
-        assert_eq!(c.sinks.scored.partition, Partitioning::DateHour);
-        assert_eq!(c.sinks.dead_letter.partition, Partitioning::None);
+        assert_eq!(c.sinks.scored.as_ref().unwrap().partition, Partitioning::DateHour);
+        assert_eq!(c.sinks.dead_letter.as_ref().unwrap().partition, Partitioning::None);
     }
 
     #[test]
@@ -434,5 +628,56 @@ mod tests {
         assert!(e.contains("needs models.general"), "{e}");
         let e = err(&GOOD.replace("threshold = 1.5", ""));
         assert!(e.contains("calibration"), "{e}");
+    }
+
+    const KAFKA: &str = r#"
+        [source]
+        kind = "kafka"
+        [source.kafka]
+        brokers = "127.0.0.1:9092"
+        group = "g"
+        topics = ["images"]
+        [source.kafka.options]
+        "security.protocol" = "SASL_PLAINTEXT"
+        [models]
+        in = "m.safetensors"
+        [flag]
+        score = "nll"
+        threshold = 1.5
+        [sinks.kafka]
+        scored_topic = "scored"
+        dead_letter_topic = "dead"
+        [metrics]
+        listen = "127.0.0.1:9898"
+    "#;
+
+    #[test]
+    fn kafka_pipelines_parse_and_need_somewhere_to_write() {
+        let c = PipelineConfig::parse(KAFKA, Path::new("/p")).unwrap();
+        let k = c.source.kafka.as_ref().unwrap();
+        assert_eq!((k.max_batch_rows, k.max_wait_ms), (256, 200));
+        assert_eq!(k.format, MessageFormat::Image);
+        assert_eq!(k.options["security.protocol"], "SASL_PLAINTEXT");
+        assert_eq!(c.sinks.scored_topic(), Some("scored"));
+        assert_eq!(c.sinks.kafka.as_ref().unwrap().format, ScoredFormat::Json);
+        assert_eq!(c.metrics.listen.unwrap().port(), 9898);
+        let err = |t: String| {
+            PipelineConfig::parse(&t, Path::new("."))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(KAFKA.replace("scored_topic = \"scored\"", ""));
+        assert!(e.contains("scored records need a sink"), "{e}");
+        let e = err(KAFKA.replace("dead_letter_topic = \"dead\"", ""));
+        assert!(e.contains("dead letters need a sink"), "{e}");
+        let e = err(KAFKA.replace("topics = [\"images\"]", "topics = []"));
+        assert!(e.contains("at least one topic"), "{e}");
+        let e = err(KAFKA.replace("[source.kafka]\n", "[source.kafka]\noffset_reset = \"middle\"\n"));
+        assert!(e.contains("offset_reset"), "{e}");
+        // A Kafka sink needs a Kafka source; a Parquet source needs its Parquet sinks.
+        let e = err(GOOD.to_string() + "[sinks.kafka]\nscored_topic = \"x\"\n");
+        assert!(e.contains("sinks.kafka needs a Kafka source"), "{e}");
+        let e = err(GOOD.replace("kind = \"parquet\"", "kind = \"kafka\""));
+        assert!(e.contains("source.kafka"), "{e}");
     }
 }

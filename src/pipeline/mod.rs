@@ -1,16 +1,20 @@
 //! The scoring path, one stage per module: [`source`] (Parquet files, row group by row group) ->
 //! [`decode`] (image bytes -> model-sized 8-bit pixels, failures become dead-letter reasons) ->
-//! [`score`] -> [`flag`] -> [`sink`]s, wired by [`run`] with bounded channels. Training reads
+//! [`score`] -> [`flag`] -> [`sink`]s, wired by [`run`] (Parquet, to completion) or [`stream`] (Kafka, until stopped; commits
+//! per [`offsets`], exports [`metrics`]) with bounded channels. Training reads
 //! its data through the same source and decode code. [`schema`] defines the records written.
 
 pub mod config;
 pub mod decode;
 pub mod flag;
+pub mod metrics;
+pub mod offsets;
 pub mod run;
 pub mod schema;
 pub mod score;
 pub mod sink;
 pub mod source;
+pub mod stream;
 
 /// Errors of the pipeline stages; each names the file, column or key it is about.
 #[derive(Debug, thiserror::Error)]

@@ -19,7 +19,7 @@ use arrow::datatypes::DataType;
 use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
-use super::config::PipelineConfig;
+use super::config::{PipelineConfig, SourceKind};
 use super::decode::{BatchOrigin, DecodedBatch, decode_batch};
 use super::flag::{Flagger, Status};
 use super::schema::{dead_letter_schema, scored_schema};
@@ -28,7 +28,6 @@ use super::sink::{ParquetSink, WrittenFile};
 use super::source::ParquetSource;
 use super::{PipelineError, Result};
 use crate::device::DeviceSpec;
-use crate::glow::GlowModel;
 
 /// Batches that may wait between two stages.
 pub const CHANNEL_DEPTH: usize = 2;
@@ -98,40 +97,43 @@ pub fn run_id() -> String {
     )
 }
 
-fn send<T>(tx: &SyncSender<T>, v: T, stage: &str) -> Result<()> {
+pub(crate) fn send<T>(tx: &SyncSender<T>, v: T, stage: &str) -> Result<()> {
     tx.send(v)
         .map_err(|_| PipelineError::Stage(format!("{stage}: the next stage stopped")))
 }
 
-fn join<T>(h: std::thread::ScopedJoinHandle<'_, Result<T>>, stage: &str) -> Result<T> {
+pub(crate) fn join<T>(h: std::thread::ScopedJoinHandle<'_, Result<T>>, stage: &str) -> Result<T> {
     h.join()
         .map_err(|_| PipelineError::Stage(format!("{stage} panicked")))?
 }
 
-/// Runs a pipeline over its Parquet source to completion.
-pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
-    let started = Instant::now();
+/// Loads a pipeline's models on its device and its flag threshold.
+pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
     let device: DeviceSpec = cfg
         .models
         .device
         .parse()
         .map_err(|e: String| PipelineError::Config(format!("models.device: {e}")))?;
-    let dev = device.open().map_err(PipelineError::Config)?;
-    let in_model = GlowModel::load(&cfg.models.in_model, &dev)?;
-    let general = cfg
-        .models
-        .general
-        .as_ref()
-        .map(|p| GlowModel::load(p, &dev))
-        .transpose()?;
-    let scorer = ModelScorer::new(
-        &in_model,
-        general.as_ref(),
-        &dev,
+    let scorer = ModelScorer::load(
+        &cfg.models.in_model,
+        cfg.models.general.as_deref(),
+        device,
         cfg.models.precision()?,
         cfg.models.batch,
     )?;
     let flagger = Flagger::from_config(&cfg.flag, &scorer)?;
+    Ok((scorer, flagger))
+}
+
+/// Runs a pipeline over its Parquet source to completion.
+pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
+    let started = Instant::now();
+    if cfg.source.kind != SourceKind::Parquet {
+        return Err(PipelineError::Config(
+            "run_pipeline reads Parquet sources; Kafka sources run with pipeline::stream".into(),
+        ));
+    }
+    let (scorer, flagger) = load_scorer(cfg)?;
 
     // Check the input before any work.
     let source = ParquetSource::open(&cfg.source.paths)?;
@@ -153,8 +155,13 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
     };
     let out_schema = scored_schema(&schema, scorer.scales());
     let run = run_id();
-    let mut scored_sink = ParquetSink::new(&cfg.sinks.scored, out_schema.clone(), &run)?;
-    let mut dead_sink = ParquetSink::new(&cfg.sinks.dead_letter, dead_letter_schema(), &run)?;
+    let (Some(scored_cfg), Some(dead_cfg)) = (&cfg.sinks.scored, &cfg.sinks.dead_letter) else {
+        return Err(PipelineError::Config(
+            "a Parquet source needs sinks.scored and sinks.dead_letter".into(),
+        ));
+    };
+    let mut scored_sink = ParquetSink::new(scored_cfg, out_schema.clone(), &run)?;
+    let mut dead_sink = ParquetSink::new(dead_cfg, dead_letter_schema(), &run)?;
 
     let (src_tx, src_rx) = sync_channel::<SourceBatch>(CHANNEL_DEPTH);
     let (dec_tx, dec_rx) = sync_channel::<DecodedBatch>(CHANNEL_DEPTH);

@@ -162,10 +162,11 @@ impl SqlSession {
     pub async fn register_pipeline(&self, cfg: &PipelineConfig) -> Result<Vec<String>> {
         let mut names = Vec::new();
         let sinks = [
-            ("scored", &cfg.sinks.scored.path),
-            ("dead_letter", &cfg.sinks.dead_letter.path),
+            ("scored", cfg.sinks.scored.as_ref().map(|s| &s.path)),
+            ("dead_letter", cfg.sinks.dead_letter.as_ref().map(|s| &s.path)),
         ];
         for (name, path) in sinks {
+            let Some(path) = path else { continue };
             // A pipeline that has not run yet (or wrote no dead letters) has no such table.
             if parquet_files(path).is_ok_and(|f| !f.is_empty()) {
                 self.register(name, &path.display().to_string()).await?;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
