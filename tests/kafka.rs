@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::AsArray;
-use common::broker::{Broker, TopicReader, free_port, header};
+use common::broker::{Broker, Produce as Msg, TopicReader, free_port, header};
 use glowwatch::device::DeviceSpec;
 use glowwatch::pipeline::config::PipelineConfig;
 use glowwatch::pipeline::decode::{DecodeLimits, decode_image};
@@ -21,8 +21,6 @@ use glowwatch::pipeline::stream::{StreamSummary, run_stream};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
-
-type Msg = (String, Option<Vec<u8>>, Vec<(String, String)>);
 
 /// The first `n` (id, PNG) rows of a shared dataset.
 fn images(name: &str, n: usize) -> Vec<(String, Vec<u8>)> {
@@ -73,6 +71,8 @@ struct Setup<'a> {
     model: &'a Path,
     threshold: f64,
     extra_source: &'a str,
+    /// librdkafka consumer settings (TOML lines).
+    options: &'a str,
     sinks: &'a str,
     metrics: Option<u16>,
 }
@@ -96,9 +96,8 @@ max_wait_ms = 50
 commit_interval_ms = 200
 {extra}
 [source.kafka.options]
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "500"
 "statistics.interval.ms" = "500"
+{options}
 [models]
 in = "{model}"
 device = "cpu"
@@ -113,6 +112,7 @@ threshold = {threshold}
         group = s.group,
         topic = s.topic,
         extra = s.extra_source,
+        options = s.options,
         model = s.model.display(),
         threshold = s.threshold,
         sinks = s.sinks,
@@ -139,7 +139,11 @@ max_file_age_s = 0.5
 
 /// Runs a pipeline on a thread until `until` returns true (checked every 100 ms), then stops
 /// it and returns its summary.
-fn run_until(cfg: &PipelineConfig, mut until: impl FnMut() -> bool, limit: Duration) -> StreamSummary {
+fn run_until(
+    cfg: &PipelineConfig,
+    mut until: impl FnMut() -> bool,
+    limit: Duration,
+) -> StreamSummary {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let h = s.spawn(|| run_stream(cfg, &stop));
@@ -179,8 +183,14 @@ fn parquet_ids(dir: &Path) -> Vec<String> {
 
 /// nll of each image by the same model, scored directly (not through the pipeline).
 fn direct_nll(model: &Path, rows: &[(String, Vec<u8>)]) -> BTreeMap<String, f64> {
-    let scorer =
-        ModelScorer::load(model, None, DeviceSpec::Cpu, glowwatch::bench::Precision::F32, 256).unwrap();
+    let scorer = ModelScorer::load(
+        model,
+        None,
+        DeviceSpec::Cpu,
+        glowwatch::bench::Precision::F32,
+        256,
+    )
+    .unwrap();
     let cfg = scorer.config().clone();
     let mut px = Vec::new();
     for (_, png) in rows {
@@ -215,11 +225,16 @@ fn ten_thousand_images_are_scored_flagged_and_committed() {
         model: &model,
         threshold,
         extra_source: "",
+        options: "",
         sinks: KAFKA_SINKS,
         metrics: None,
     });
     let mut reader = TopicReader::new(&broker, "scored");
-    let summary = run_until(&cfg, || reader.poll_until(10_000, Duration::from_millis(100)), Duration::from_secs(300));
+    let summary = run_until(
+        &cfg,
+        || reader.poll_until(10_000, Duration::from_millis(100)),
+        Duration::from_secs(300),
+    );
     assert_eq!(summary.consumed, 10_000, "{summary:?}");
     assert_eq!((summary.scored, summary.dead_lettered), (10_000, 0));
 
@@ -234,7 +249,10 @@ fn ten_thousand_images_are_scored_flagged_and_committed() {
         assert_eq!(v["kafka_topic"], "images");
         assert!(v["model_id"].as_str().unwrap().starts_with("glow-"), "{v}");
         assert_eq!(v["source"], "fashion-mnist");
-        assert!(v.get("image").is_none(), "images are left out of scored messages");
+        assert!(
+            v.get("image").is_none(),
+            "images are left out of scored messages"
+        );
         assert!(seen.insert(id, v).is_none(), "duplicate in a clean run");
     }
     assert_eq!(seen.len(), 10_000);
@@ -243,7 +261,10 @@ fn ten_thousand_images_are_scored_flagged_and_committed() {
     for (id, v) in &seen {
         let want = nll[id];
         let got = v["score"].as_f64().unwrap();
-        assert!((got - want).abs() <= 1e-6 * want.abs(), "{id}: {got} vs {want}");
+        assert!(
+            (got - want).abs() <= 1e-6 * want.abs(),
+            "{id}: {got} vs {want}"
+        );
         if (want - threshold).abs() > 1e-6 * want.abs() {
             mismatched += usize::from(v["is_ood"].as_bool().unwrap() != (want > threshold));
         }
@@ -273,7 +294,9 @@ fn malformed_messages_and_envelopes_go_to_the_dead_letter_topic() {
     let rows = images("fashion_mnist_test.parquet", 40);
     let mut msgs = png_messages(&rows);
     let png = rows[0].1.clone();
-    let random: Vec<u8> = (0..500u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let random: Vec<u8> = (0..500u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let bad: Vec<(&str, Option<Vec<u8>>, &str)> = vec![
         ("random", Some(random), "unknown_format"),
         ("truncated", Some(png[..png.len() / 2].to_vec()), "corrupt"),
@@ -292,6 +315,7 @@ fn malformed_messages_and_envelopes_go_to_the_dead_letter_topic() {
         model: &model,
         threshold: 1e9,
         extra_source: "",
+        options: "",
         sinks: KAFKA_SINKS,
         metrics: None,
     });
@@ -299,7 +323,10 @@ fn malformed_messages_and_envelopes_go_to_the_dead_letter_topic() {
     let mut scored = TopicReader::new(&broker, "scored");
     let s = run_until(
         &cfg,
-        || dead.poll_until(4, Duration::from_millis(50)) && scored.poll_until(40, Duration::from_millis(50)),
+        || {
+            dead.poll_until(4, Duration::from_millis(50))
+                && scored.poll_until(40, Duration::from_millis(50))
+        },
         Duration::from_secs(120),
     );
     assert_eq!((s.scored, s.dead_lettered), (40, 4), "{s:?}");
@@ -322,13 +349,29 @@ fn malformed_messages_and_envelopes_go_to_the_dead_letter_topic() {
     assert_eq!(got.len(), 4);
     for (id, value, reason) in &bad {
         let m = got[*id];
-        assert_eq!(header(m, "__connect.errors.exception.class.name").as_deref(), Some(*reason), "{id}");
+        assert_eq!(
+            header(m, "__connect.errors.exception.class.name").as_deref(),
+            Some(*reason),
+            "{id}"
+        );
         assert!(header(m, "__connect.errors.exception.message").is_some_and(|d| !d.is_empty()));
         assert_eq!(header(m, "__connect.errors.topic").as_deref(), Some("in"));
         let (p, o) = input[*id];
-        assert_eq!(header(m, "__connect.errors.partition"), Some(p.to_string()), "{id}");
-        assert_eq!(header(m, "__connect.errors.offset"), Some(o.to_string()), "{id}");
-        assert_eq!(m.payload().unwrap_or_default(), value.as_deref().unwrap_or_default(), "{id}: original bytes");
+        assert_eq!(
+            header(m, "__connect.errors.partition"),
+            Some(p.to_string()),
+            "{id}"
+        );
+        assert_eq!(
+            header(m, "__connect.errors.offset"),
+            Some(o.to_string()),
+            "{id}"
+        );
+        assert_eq!(
+            m.payload().unwrap_or_default(),
+            value.as_deref().unwrap_or_default(),
+            "{id}: original bytes"
+        );
     }
     // The Parquet dead-letter sink has them too, and nothing blocked the partitions.
     let mut pq = parquet_ids(&dir.path().join("out/dead"));
@@ -341,9 +384,20 @@ fn malformed_messages_and_envelopes_go_to_the_dead_letter_topic() {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
     let envelopes: Vec<Msg> = vec![
-        ("k1".into(), Some(format!(r#"{{"id": "env-ok", "image_b64": "{b64}", "source": "cam-1"}}"#).into_bytes()), vec![]),
+        (
+            "k1".into(),
+            Some(
+                format!(r#"{{"id": "env-ok", "image_b64": "{b64}", "source": "cam-1"}}"#)
+                    .into_bytes(),
+            ),
+            vec![],
+        ),
         ("k2".into(), Some(b"{not json".to_vec()), vec![]),
-        ("k3".into(), Some(br#"{"id": "x", "image_b64": "!!!"}"#.to_vec()), vec![]),
+        (
+            "k3".into(),
+            Some(br#"{"id": "x", "image_b64": "!!!"}"#.to_vec()),
+            vec![],
+        ),
     ];
     broker.produce("env", &envelopes);
     let cfg = pipeline(&Setup {
@@ -354,21 +408,35 @@ fn malformed_messages_and_envelopes_go_to_the_dead_letter_topic() {
         model: &model,
         threshold: 1e9,
         extra_source: "format = \"json_envelope\"",
+        options: "",
         sinks: KAFKA_SINKS,
         metrics: None,
     });
     let s = run_until(
         &cfg,
-        || dead.poll_until(6, Duration::from_millis(50)) && scored.poll_until(41, Duration::from_millis(50)),
+        || {
+            dead.poll_until(6, Duration::from_millis(50))
+                && scored.poll_until(41, Duration::from_millis(50))
+        },
         Duration::from_secs(120),
     );
     assert_eq!((s.scored, s.dead_lettered), (1, 2), "{s:?}");
     assert_eq!(s.dead_by_reason.get("bad_envelope"), Some(&2));
-    let ok = scored.messages().iter().find(|m| m.key() == Some(b"env-ok")).expect("envelope scored");
+    let ok = scored
+        .messages()
+        .iter()
+        .find(|m| m.key() == Some(b"env-ok"))
+        .expect("envelope scored");
     assert_eq!(json(ok)["source"], "cam-1");
     for m in &dead.messages()[4..] {
-        assert_eq!(header(m, "__connect.errors.exception.class.name").as_deref(), Some("bad_envelope"));
-        let orig = envelopes.iter().find(|e| e.1.as_deref() == m.payload()).expect("original value");
+        assert_eq!(
+            header(m, "__connect.errors.exception.class.name").as_deref(),
+            Some("bad_envelope")
+        );
+        let orig = envelopes
+            .iter()
+            .find(|e| e.1.as_deref() == m.payload())
+            .expect("original value");
         assert_ne!(orig.0, "k1");
     }
 }
@@ -377,7 +445,11 @@ fn malformed_messages_and_envelopes_go_to_the_dead_letter_topic() {
 fn scrape(port: u16) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -403,6 +475,8 @@ fn kill_nine_mid_stream_then_restart_loses_no_record() {
         model: &model,
         threshold: 2900.0,
         extra_source: "",
+        // A short session so the restarted process gets the dead one's partitions quickly.
+        options: "\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"",
         sinks: KAFKA_SINKS,
         metrics: Some(port),
     });
@@ -420,19 +494,28 @@ fn kill_nine_mid_stream_then_restart_loses_no_record() {
     let mut first = start(1);
     let t0 = Instant::now();
     while !reader.poll_until(600, Duration::from_millis(50)) {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no progress before the kill");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no progress before the kill"
+        );
         assert!(first.try_wait().unwrap().is_none(), "pipeline exited early");
     }
     first.kill().unwrap(); // SIGKILL
     first.wait().unwrap();
     let at_kill = broker.committed("crashy", "images", 3);
     let seen_at_kill = reader.messages().len();
-    assert!(seen_at_kill < 3_000, "the kill came too late to test anything");
+    assert!(
+        seen_at_kill < 3_000,
+        "the kill came too late to test anything"
+    );
 
     let mut second = start(2);
     let t0 = Instant::now();
     while reader.distinct_keys() < 3_000 {
-        assert!(t0.elapsed() < Duration::from_secs(240), "restart did not finish");
+        assert!(
+            t0.elapsed() < Duration::from_secs(240),
+            "restart did not finish"
+        );
         reader.poll_until(usize::MAX, Duration::from_millis(200));
     }
     // Give the statistics callback a moment, then check the metrics endpoint.
@@ -448,12 +531,19 @@ fn kill_nine_mid_stream_then_restart_loses_no_record() {
         "glowwatch_consumer_lag{",
         "glowwatch_commits_total",
     ] {
-        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
     }
     // SIGTERM: drain, commit, exit 0.
     unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
     let status = second.wait().unwrap();
-    assert!(status.success(), "{status:?}: {}", std::fs::read_to_string(dir.path().join("run2.err")).unwrap());
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        std::fs::read_to_string(dir.path().join("run2.err")).unwrap()
+    );
 
     // No id missing; every duplicate is from the uncommitted window at the kill.
     let mut by_coord: BTreeMap<(i32, i64), usize> = BTreeMap::new();
@@ -471,7 +561,11 @@ fn kill_nine_mid_stream_then_restart_loses_no_record() {
     assert_eq!(by_coord.len(), 3_000);
     let dups: Vec<_> = by_coord.iter().filter(|(_, n)| **n > 1).collect();
     for ((p, o), _) in &dups {
-        assert!(*o >= at_kill[p], "offset {o} of partition {p} was committed ({}) yet scored twice", at_kill[p]);
+        assert!(
+            *o >= at_kill[p],
+            "offset {o} of partition {p} was committed ({}) yet scored twice",
+            at_kill[p]
+        );
     }
     let window: i64 = (0..3)
         .map(|p| broker.end_offsets("images", 3)[&p] - at_kill[&p].max(0))
@@ -505,6 +599,7 @@ fn two_instances_in_one_group_share_the_partitions() {
             model: &model,
             threshold: 1e9,
             extra_source: "",
+            options: "",
             sinks: &KAFKA_SINKS.replace("out/", &format!("out{n}/")),
             metrics: None,
         })
@@ -520,7 +615,10 @@ fn two_instances_in_one_group_share_the_partitions() {
         broker.produce("images", &png_messages(&rows));
         let t0 = Instant::now();
         while !reader.poll_until(2_000, Duration::from_millis(200)) {
-            assert!(t0.elapsed() < Duration::from_secs(180), "not every record was scored");
+            assert!(
+                t0.elapsed() < Duration::from_secs(180),
+                "not every record was scored"
+            );
         }
         std::thread::sleep(Duration::from_millis(500));
         stop_a.store(true, Ordering::SeqCst);
@@ -528,8 +626,17 @@ fn two_instances_in_one_group_share_the_partitions() {
         (ha.join().unwrap().unwrap(), hb.join().unwrap().unwrap())
     });
     reader.poll_until(usize::MAX, Duration::from_secs(1));
-    assert!(sa.scored > 0 && sb.scored > 0, "one instance did all the work: {} / {}", sa.scored, sb.scored);
-    assert_eq!(sa.scored + sb.scored, 2_000, "every record scored exactly once");
+    assert!(
+        sa.scored > 0 && sb.scored > 0,
+        "one instance did all the work: {} / {}",
+        sa.scored,
+        sb.scored
+    );
+    assert_eq!(
+        sa.scored + sb.scored,
+        2_000,
+        "every record scored exactly once"
+    );
     assert_eq!(reader.messages().len(), 2_000);
     assert_eq!(reader.distinct_keys(), 2_000);
     assert_eq!(

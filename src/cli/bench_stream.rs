@@ -92,7 +92,8 @@ impl Phase<'_> {
         for r in rt.block_on(admin.create_topics(&topics, &AdminOptions::new()))? {
             match r {
                 Ok(_) => {}
-                Err((t, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) if t == "bench-dead-letter" => {}
+                Err((t, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists))
+                    if t == "bench-dead-letter" => {}
                 Err((t, e)) => return Err(anyhow!("creating topic {t}: {e}")),
             }
         }
@@ -219,7 +220,13 @@ pub fn run(a: BenchStreamArgs) -> Result<()> {
     let n = images.len();
 
     // Pure scoring of the same images by the same models.
-    let scorer = ModelScorer::load(&a.model, a.general.as_deref(), a.device, Precision::F32, a.batch)?;
+    let scorer = ModelScorer::load(
+        &a.model,
+        a.general.as_deref(),
+        a.device,
+        Precision::F32,
+        a.batch,
+    )?;
     let cfg = scorer.config().clone();
     let mut px = Vec::new();
     for (_, png) in &images {
@@ -230,7 +237,11 @@ pub fn run(a: BenchStreamArgs) -> Result<()> {
     scorer.score_pixels(&px)?;
     let pure = n as f64 / t.elapsed().as_secs_f64();
     drop(scorer);
-    let stamp = format!("bench-{}-{}", std::process::id(), crate::pipeline::run::run_id().replace('-', ""));
+    let stamp = format!(
+        "bench-{}-{}",
+        std::process::id(),
+        crate::pipeline::run::run_id().replace('-', "")
+    );
     let phase = |p: &str| Phase {
         a: &a,
         dir: dir.clone(),
@@ -265,9 +276,15 @@ pub fn run(a: BenchStreamArgs) -> Result<()> {
     let topic = lat.topic();
     let prod = std::thread::scope(|s| -> Result<(Vec<(i64, i64)>, f64)> {
         let h = s.spawn(|| publish(&brokers, &topic, &images, count, Some(rate)));
-        let got = read_scored(&reader, count, Duration::from_secs_f64(a.load_seconds * 4.0 + 60.0))?;
+        let got = read_scored(
+            &reader,
+            count,
+            Duration::from_secs_f64(a.load_seconds * 4.0 + 60.0),
+        )?;
         h.join().map_err(|_| anyhow!("producer panicked"))??;
-        let span = (got.iter().map(|g| g.0).max().unwrap_or(0) - got.iter().map(|g| g.0).min().unwrap_or(0)) as f64 / 1e3;
+        let span = (got.iter().map(|g| g.0).max().unwrap_or(0)
+            - got.iter().map(|g| g.0).min().unwrap_or(0)) as f64
+            / 1e3;
         Ok((got, span))
     })?;
     stop(child)?;
@@ -312,19 +329,49 @@ pub fn run(a: BenchStreamArgs) -> Result<()> {
     println!("{}", "-".repeat(65));
     let row = |k: &str, v: String| println!("{k:<52} {v:>12}");
     row("images (distinct)", n.to_string());
-    row("pure scoring images/s (decoded, same models)", format!("{pure:.0}"));
-    row("pipeline images/s at saturation (backlog)", format!("{saturated:.0}"));
-    row("  ratio to pure scoring", format!("{:.3}", saturated / pure));
-    row(&format!("offered load images/s ({:.0}% of pure)", a.load * 100.0), format!("{rate:.0}"));
+    row(
+        "pure scoring images/s (decoded, same models)",
+        format!("{pure:.0}"),
+    );
+    row(
+        "pipeline images/s at saturation (backlog)",
+        format!("{saturated:.0}"),
+    );
+    row(
+        "  ratio to pure scoring",
+        format!("{:.3}", saturated / pure),
+    );
+    row(
+        &format!("offered load images/s ({:.0}% of pure)", a.load * 100.0),
+        format!("{rate:.0}"),
+    );
     row("  records scored", got.len().to_string());
-    row("  achieved images/s", format!("{:.0}", got.len() as f64 / span.max(1e-9)));
-    row("  latency p50 ms (produce -> scored record)", format!("{p50:.0}"));
+    row(
+        "  achieved images/s",
+        format!("{:.0}", got.len() as f64 / span.max(1e-9)),
+    );
+    row(
+        "  latency p50 ms (produce -> scored record)",
+        format!("{p50:.0}"),
+    );
     row("  latency p99 ms", format!("{p99:.0}"));
-    row(&format!("overload images/s offered ({:.0}x pure)", a.overload), format!("{offered:.0}"));
+    row(
+        &format!("overload images/s offered ({:.0}x pure)", a.overload),
+        format!("{offered:.0}"),
+    );
     row("  pipeline RSS MiB before", format!("{rss_before:.0}"));
-    row("  RSS max, first half of overload", format!("{first_half:.0}"));
-    row("  RSS max, second half of overload", format!("{second_half:.0}"));
-    row("  RSS at end / peak (VmHWM)", format!("{rss_last:.0} / {peak:.0}"));
+    row(
+        "  RSS max, first half of overload",
+        format!("{first_half:.0}"),
+    );
+    row(
+        "  RSS max, second half of overload",
+        format!("{second_half:.0}"),
+    );
+    row(
+        "  RSS at end / peak (VmHWM)",
+        format!("{rss_last:.0} / {peak:.0}"),
+    );
     println!("(pipeline logs and configs in {})", dir.display());
     Ok(())
 }

@@ -2,9 +2,9 @@
 
 mod bench;
 mod bench_pipeline;
-mod bench_stream;
 #[cfg(feature = "sql")]
 mod bench_sql;
+mod bench_stream;
 mod calibrate;
 mod doctor;
 mod eval;

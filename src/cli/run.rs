@@ -121,12 +121,19 @@ pub fn run(a: RunArgs) -> Result<()> {
             init_logging();
             let stop = Arc::new(AtomicBool::new(false));
             let flag = Arc::clone(&stop);
+            let first = std::sync::OnceLock::<std::time::Instant>::new();
             ctrlc::set_handler(move || {
-                if flag.swap(true, Ordering::SeqCst) {
-                    eprintln!("second signal: exiting without draining");
+                if !flag.swap(true, Ordering::SeqCst) {
+                    first.get_or_init(std::time::Instant::now);
+                    tracing::info!("signal received: draining, flushing and committing");
+                    return;
+                }
+                // A signal sent to the process and its group arrives twice; only a deliberate
+                // second one (a second Ctrl-C) skips the drain.
+                if first.get().is_some_and(|t| t.elapsed().as_secs_f64() > 2.0) {
+                    eprintln!("second signal: exiting without draining (uncommitted records will be read again)");
                     std::process::exit(130);
                 }
-                tracing::info!("signal received: draining, flushing and committing");
             })
             .context("installing the SIGINT/SIGTERM handler")?;
             let s = run_stream(&cfg, &stop).with_context(what)?;

@@ -169,11 +169,18 @@ pub struct KafkaSourceConfig {
     /// become durable before giving them up (uncommitted records are redelivered).
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// When decoding has been behind for this long, pause the partitions (until then the
+    /// bounded prefetch queue of librdkafka holds back fetching).
+    #[serde(default = "default_pause_after_ms")]
+    pub pause_after_ms: u64,
     /// Extra librdkafka settings passed through (security.protocol, sasl.*, ssl.*, ...).
     #[serde(default)]
     pub options: std::collections::BTreeMap<String, String>,
 }
 
+fn default_pause_after_ms() -> u64 {
+    1000
+}
 fn default_max_batch_rows() -> usize {
     256
 }
@@ -364,7 +371,9 @@ impl SinksConfig {
 
     /// The dead-letter Kafka topic, if any.
     pub fn dead_letter_topic(&self) -> Option<&str> {
-        self.kafka.as_ref().and_then(|k| k.dead_letter_topic.as_deref())
+        self.kafka
+            .as_ref()
+            .and_then(|k| k.dead_letter_topic.as_deref())
     }
 }
 
@@ -511,7 +520,10 @@ impl PipelineConfig {
             }
             SourceKind::Kafka => {
                 let Some(k) = &self.source.kafka else {
-                    return bad("source.kafka (brokers, group, topics) is needed for kind = \"kafka\"".into());
+                    return bad(
+                        "source.kafka (brokers, group, topics) is needed for kind = \"kafka\""
+                            .into(),
+                    );
                 };
                 if !self.source.paths.is_empty() {
                     return bad("source.paths is for kind = \"parquet\"".into());
@@ -605,8 +617,14 @@ mod tests {
         assert_eq!(c.source.paths, vec![PathBuf::from("/etc/p/in")]);
         assert_eq!(c.models.general, Some(PathBuf::from("/abs/g.safetensors")));
         assert_eq!(c.flag.score, ScoreKind::Llr);
-        assert_eq!(c.sinks.scored.as_ref().unwrap().partition, Partitioning::DateHour);
-        assert_eq!(c.sinks.dead_letter.as_ref().unwrap().partition, Partitioning::None);
+        assert_eq!(
+            c.sinks.scored.as_ref().unwrap().partition,
+            Partitioning::DateHour
+        );
+        assert_eq!(
+            c.sinks.dead_letter.as_ref().unwrap().partition,
+            Partitioning::None
+        );
     }
 
     #[test]
@@ -672,7 +690,10 @@ mod tests {
         assert!(e.contains("dead letters need a sink"), "{e}");
         let e = err(KAFKA.replace("topics = [\"images\"]", "topics = []"));
         assert!(e.contains("at least one topic"), "{e}");
-        let e = err(KAFKA.replace("[source.kafka]\n", "[source.kafka]\noffset_reset = \"middle\"\n"));
+        let e = err(KAFKA.replace(
+            "[source.kafka]\n",
+            "[source.kafka]\noffset_reset = \"middle\"\n",
+        ));
         assert!(e.contains("offset_reset"), "{e}");
         // A Kafka sink needs a Kafka source; a Parquet source needs its Parquet sinks.
         let e = err(GOOD.to_string() + "[sinks.kafka]\nscored_topic = \"x\"\n");

@@ -19,6 +19,10 @@ pub type TopicPartition = (String, i32);
 /// A batch's identity: unique for the life of a consumer.
 pub type BatchSeq = u64;
 
+/// What a batch holds of one partition: the partition, its generation when read, and the
+/// last offset (inclusive).
+pub type PartitionRange = (TopicPartition, u64, i64);
+
 #[derive(Debug)]
 struct Dispatched {
     seq: BatchSeq,
@@ -58,7 +62,7 @@ impl OffsetTracker {
 
     /// Records that batch `seq` was dispatched holding, per partition, offsets up to `last`
     /// (inclusive). Parts whose generation is not current are ignored.
-    pub fn dispatch(&mut self, seq: BatchSeq, parts: &[(TopicPartition, u64, i64)]) {
+    pub fn dispatch(&mut self, seq: BatchSeq, parts: &[PartitionRange]) {
         let mut touched = Vec::new();
         for (tp, generation, last) in parts {
             if *generation != self.generation(tp) {

@@ -15,10 +15,14 @@
 //! **Micro-batching**: a batch is dispatched when it holds `max_batch_rows` records or its
 //! first record has waited `max_wait_ms`.
 //!
-//! **Back-pressure**: when the queue in front of decoding is full the consumer pauses its
-//! partitions (librdkafka stops fetching) and keeps polling only to stay in the group, so
-//! memory stays bounded by the channels and librdkafka's `queued.max.messages.kbytes` when
-//! producers outpace the scorer.
+//! **Back-pressure**: when the queue in front of decoding is full the consumer stops taking
+//! messages, so librdkafka's prefetch queue fills (bounded: `queued.max.messages.kbytes`,
+//! 16 MiB here, and `fetch.max.bytes`, 8 MiB) and fetching stops; when the stall lasts longer
+//! than `pause_after_ms` the consumer also pauses its partitions and polls only to stay in the
+//! group. Memory stays bounded by the channels and that queue when producers outpace the
+//! scorer. (Pausing at once on every full queue would be simpler, but librdkafka purges its
+//! prefetched messages on pause and fetches them again on resume, which at saturation costs a
+//! fetch round trip per batch.)
 //!
 //! **Rebalance**: on revocation the consumer asks the sinks to flush, waits up to
 //! `drain_timeout_ms` for in-flight batches of the revoked partitions, commits what is durable
@@ -45,7 +49,7 @@ use super::config::{KafkaSourceConfig, PipelineConfig, SourceKind};
 use super::decode::{BatchOrigin, ImageColumns, decode_batch};
 use super::flag::Status;
 use super::metrics::{self as m, QueueDepth};
-use super::offsets::{BatchSeq, OffsetTracker, TopicPartition};
+use super::offsets::{BatchSeq, OffsetTracker, PartitionRange, TopicPartition};
 use super::run::{join, load_scorer, run_id, send};
 use super::schema::{dead_letter_schema, scored_schema};
 use super::score::scored_batch;
@@ -223,10 +227,7 @@ struct Out {
 }
 
 /// Builds the consumer of a Kafka source (manual commits; `options` override the defaults).
-fn consumer(
-    k: &KafkaSourceConfig,
-    context: StreamContext,
-) -> Result<BaseConsumer<StreamContext>> {
+fn consumer(k: &KafkaSourceConfig, context: StreamContext) -> Result<BaseConsumer<StreamContext>> {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &k.brokers)
         .set("group.id", &k.group)
@@ -234,7 +235,8 @@ fn consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &k.offset_reset)
         .set("statistics.interval.ms", "5000")
-        .set("queued.max.messages.kbytes", "16384");
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.max.bytes", "8388608");
     for (key, v) in &k.options {
         cc.set(key, v);
     }
@@ -254,7 +256,7 @@ fn build_batch(
     records: Vec<KafkaRecord>,
     tracker: &OffsetTracker,
     dropped: &mut u64,
-) -> Result<Option<(SourceBatch, Vec<(TopicPartition, u64, i64)>)>> {
+) -> Result<Option<(SourceBatch, Vec<PartitionRange>)>> {
     let mut parts: BTreeMap<TopicPartition, (u64, i64)> = BTreeMap::new();
     let mut good = Vec::with_capacity(records.len());
     let mut bad = Vec::new();
@@ -386,8 +388,10 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
             let mut seq: BatchSeq = 0;
             let mut pending: Vec<KafkaRecord> = Vec::new();
             let mut pending_since: Option<Instant> = None;
-            let mut held: Option<(SourceBatch, Vec<(TopicPartition, u64, i64)>)> = None;
+            let mut held: Option<(SourceBatch, Vec<PartitionRange>)> = None;
             let mut paused = false;
+            let mut blocked_since: Option<Instant> = None;
+            let pause_after = Duration::from_millis(k.pause_after_ms);
             let mut last_commit = Instant::now();
             let max_wait = Duration::from_millis(k.max_wait_ms);
             let commit_every = Duration::from_millis(k.commit_interval_ms);
@@ -422,7 +426,10 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
-                // A batch refused by a full queue goes first.
+                // A batch refused by a full queue goes first. While it waits the consumer
+                // takes no messages: librdkafka's prefetch queue (bounded) fills and fetching
+                // stops. A stall longer than `pause_after_ms` pauses the partitions, and then
+                // polling only serves the group (rebalances) until the batch is taken.
                 if let Some((b, parts)) = held.take() {
                     let seq_b = b.seq;
                     match tx.try_send(b) {
@@ -433,6 +440,7 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                                 .expect("consumer state")
                                 .tracker
                                 .dispatch(seq_b, &parts);
+                            blocked_since = None;
                             if paused {
                                 set_paused(false);
                                 paused = false;
@@ -440,9 +448,16 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                         }
                         Err(TrySendError::Full(b)) => {
                             held = Some((b, parts));
-                            // Re-pause each time: an assignment may have arrived meanwhile.
-                            set_paused(true);
-                            paused = true;
+                            let since = *blocked_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= pause_after {
+                                // Every time: an assignment may have arrived meanwhile.
+                                set_paused(true);
+                                paused = true;
+                            }
+                            if !paused {
+                                std::thread::sleep(Duration::from_millis(5));
+                                continue;
+                            }
                         }
                         Err(TrySendError::Disconnected(_)) => {
                             return Err(PipelineError::Stage(
@@ -455,7 +470,9 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                     Duration::from_millis(20)
                 } else {
                     match pending_since {
-                        Some(t) => max_wait.saturating_sub(t.elapsed()).min(Duration::from_millis(100)),
+                        Some(t) => max_wait
+                            .saturating_sub(t.elapsed())
+                            .min(Duration::from_millis(100)),
                         None => Duration::from_millis(100),
                     }
                 };
@@ -543,7 +560,15 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                     row_group: None,
                     first_row: 0,
                 };
-                let d = decode_batch(origin, &b.batch, &image_columns, "id", &model_cfg, &limits, at)?;
+                let d = decode_batch(
+                    origin,
+                    &b.batch,
+                    &image_columns,
+                    "id",
+                    &model_cfg,
+                    &limits,
+                    at,
+                )?;
                 let mut dead = locate_dead_letters(&d.dead, &b.batch)?;
                 if let Some(e) = b.early_dead {
                     dead = arrow::compute::concat_batches(&dead_letter_schema(), [&dead, &e])?;
@@ -585,7 +610,9 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                     let _ = ack_tx.send(seq);
                 }
             };
-            let flush = |scored_pq: &mut Option<ParquetSink>, dead_pq: &mut Option<ParquetSink>| -> Result<()> {
+            let flush = |scored_pq: &mut Option<ParquetSink>,
+                         dead_pq: &mut Option<ParquetSink>|
+             -> Result<()> {
                 if let Some(p) = scored_pq {
                     p.flush()?;
                 }

@@ -163,7 +163,10 @@ impl SqlSession {
         let mut names = Vec::new();
         let sinks = [
             ("scored", cfg.sinks.scored.as_ref().map(|s| &s.path)),
-            ("dead_letter", cfg.sinks.dead_letter.as_ref().map(|s| &s.path)),
+            (
+                "dead_letter",
+                cfg.sinks.dead_letter.as_ref().map(|s| &s.path),
+            ),
         ];
         for (name, path) in sinks {
             let Some(path) = path else { continue };

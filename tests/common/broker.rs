@@ -17,6 +17,9 @@ use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
+/// A message to produce: key, value (None = null), headers.
+pub type Produce = (String, Option<Vec<u8>>, Vec<(String, String)>);
+
 fn tansu_binary() -> PathBuf {
     if let Ok(p) = std::env::var("TANSU") {
         return PathBuf::from(p);
@@ -27,12 +30,15 @@ fn tansu_binary() -> PathBuf {
     if let Some(h) = std::env::var_os("HOME") {
         candidates.push(PathBuf::from(h).join(".local/bin/tansu"));
     }
-    candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
-        panic!(
-            "the Kafka tests need the tansu broker: cargo install tansu@0.6.0 --locked \
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "the Kafka tests need the tansu broker: cargo install tansu@0.6.0 --locked \
              --features dynostore,libsql --root \"$HOME/.local\" (or set TANSU)"
-        )
-    })
+            )
+        })
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -124,7 +130,7 @@ impl Broker {
 
     /// Produces `(key, value, headers)` messages and waits until all are acknowledged.
     /// Messages are spread over partitions by key.
-    pub fn produce(&self, topic: &str, messages: &[(String, Option<Vec<u8>>, Vec<(String, String)>)]) {
+    pub fn produce(&self, topic: &str, messages: &[Produce]) {
         let p: FutureProducer = self
             .config()
             .set("acks", "all")
@@ -171,9 +177,7 @@ impl Broker {
         for p in 0..partitions {
             tpl.add_partition(topic, p);
         }
-        let got = c
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .unwrap();
+        let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
         let out = got
             .elements()
             .iter()
@@ -202,7 +206,9 @@ impl Broker {
             .map(|p| {
                 (
                     p,
-                    c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1,
+                    c.fetch_watermarks(topic, p, Duration::from_secs(10))
+                        .unwrap()
+                        .1,
                 )
             })
             .collect()
@@ -262,7 +268,11 @@ impl TopicReader {
 
     /// Reads until `n` messages are held (60 s at most) and returns them.
     pub fn read(mut self, n: usize) -> Vec<OwnedMessage> {
-        assert!(self.poll_until(n, Duration::from_secs(60)), "only {} of {n} messages", self.messages.len());
+        assert!(
+            self.poll_until(n, Duration::from_secs(60)),
+            "only {} of {n} messages",
+            self.messages.len()
+        );
         self.messages
     }
 

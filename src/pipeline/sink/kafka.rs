@@ -156,7 +156,8 @@ impl KafkaSink {
             ScoredFormat::Arrow => {
                 let mut buf = Vec::new();
                 {
-                    let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &batch.schema())?;
+                    let mut w =
+                        arrow::ipc::writer::StreamWriter::try_new(&mut buf, &batch.schema())?;
                     w.write(&batch)?;
                     w.finish()?;
                 }
@@ -186,8 +187,13 @@ impl KafkaSink {
         let image = dead.column(6).as_binary::<i32>();
         let mut futures = Vec::with_capacity(dead.num_rows());
         for i in 0..dead.num_rows() {
-            let src_topic = source.value(i).strip_prefix("kafka:").unwrap_or(source.value(i));
-            let part = partition.is_valid(i).then(|| partition.value(i).to_string());
+            let src_topic = source
+                .value(i)
+                .strip_prefix("kafka:")
+                .unwrap_or(source.value(i));
+            let part = partition
+                .is_valid(i)
+                .then(|| partition.value(i).to_string());
             let off = offset.value(i).to_string();
             let mut h = OwnedHeaders::new()
                 .insert(Header {
@@ -213,7 +219,11 @@ impl KafkaSink {
                 });
             }
             let key = if id.is_valid(i) { id.value(i) } else { "" };
-            let value: &[u8] = if image.is_valid(i) { image.value(i) } else { &[] };
+            let value: &[u8] = if image.is_valid(i) {
+                image.value(i)
+            } else {
+                &[]
+            };
             futures.push(self.enqueue(topic, key, value, Some(h))?);
         }
         self.wait(topic, futures)

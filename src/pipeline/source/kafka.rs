@@ -192,7 +192,10 @@ pub fn records_to_batch(records: &[KafkaRecord]) -> Result<RecordBatch> {
         col(&|r| r.source.as_deref()),
         Arc::new(
             TimestampMicrosecondArray::from(
-                records.iter().map(|r| r.capture_time_us).collect::<Vec<_>>(),
+                records
+                    .iter()
+                    .map(|r| r.capture_time_us)
+                    .collect::<Vec<_>>(),
             )
             .with_timezone("UTC"),
         ),
@@ -200,7 +203,9 @@ pub fn records_to_batch(records: &[KafkaRecord]) -> Result<RecordBatch> {
         Arc::new(Int32Array::from_iter_values(
             records.iter().map(|r| r.partition),
         )),
-        Arc::new(Int64Array::from_iter_values(records.iter().map(|r| r.offset))),
+        Arc::new(Int64Array::from_iter_values(
+            records.iter().map(|r| r.offset),
+        )),
         Arc::new(
             arrow::array::TimestampMillisecondArray::from(
                 records.iter().map(|r| r.timestamp_ms).collect::<Vec<_>>(),
@@ -253,7 +258,9 @@ pub fn envelope_dead_letters(
 /// into Kafka coordinates: `source` = `kafka:<topic>`, `row_group` = partition,
 /// `row` = offset.
 pub fn locate_dead_letters(dead: &RecordBatch, input: &RecordBatch) -> Result<RecordBatch> {
-    let idx = dead.column(5).as_primitive::<arrow::datatypes::UInt64Type>();
+    let idx = dead
+        .column(5)
+        .as_primitive::<arrow::datatypes::UInt64Type>();
     let topics = input
         .column_by_name("kafka_topic")
         .expect("kafka input schema")
@@ -337,7 +344,10 @@ mod tests {
         let b = records_to_batch(&[r]).unwrap();
         assert_eq!(b.schema(), kafka_input_schema());
         assert!(b.column(1).is_null(0));
-        assert_eq!(parse_capture_time("1700000000000"), Some(1_700_000_000_000_000));
+        assert_eq!(
+            parse_capture_time("1700000000000"),
+            Some(1_700_000_000_000_000)
+        );
     }
 
     #[test]
@@ -353,7 +363,11 @@ mod tests {
         assert_eq!(r.image.as_deref(), Some(&b"\x89PNG"[..]));
         assert_eq!(r.source.as_deref(), Some("cam"));
         assert_eq!(r.capture_time_us, Some(5000));
-        for bad in [&b"not json"[..], br#"{"id": "x"}"#, br#"{"image_b64": "@@@"}"#] {
+        for bad in [
+            &b"not json"[..],
+            br#"{"id": "x"}"#,
+            br#"{"image_b64": "@@@"}"#,
+        ] {
             let r = KafkaRecord::from_message(
                 &message(Some(b"k"), Some(bad), OwnedHeaders::new()),
                 MessageFormat::JsonEnvelope,
