@@ -588,7 +588,9 @@ fn two_instances_in_one_group_share_the_partitions() {
     broker.create_topic("images", 4);
     broker.create_topic("scored", 2);
     broker.create_topic("dead", 1);
-    let model = common::tiny_model(dir.path(), 3);
+    // The shipped model: slow enough in a test build that the second instance joins while the
+    // first is mid-stream, so the first has to give partitions up with work in flight.
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist.safetensors");
     let rows = images("fashion_mnist_test.parquet", 2_000);
     let cfg = |n: u32| {
         pipeline(&Setup {
@@ -607,24 +609,36 @@ fn two_instances_in_one_group_share_the_partitions() {
     let (a, b) = (cfg(1), cfg(2));
     let (stop_a, stop_b) = (AtomicBool::new(false), AtomicBool::new(false));
     let mut reader = TopicReader::new(&broker, "scored");
-    let (sa, sb) = std::thread::scope(|s| {
+    broker.produce("images", &png_messages(&rows));
+    let (sa, sb, b_joined_at) = std::thread::scope(|s| {
         let ha = s.spawn(|| run_stream(&a, &stop_a));
-        let hb = s.spawn(|| run_stream(&b, &stop_b));
-        // Both members join before any record exists, so the group settles first.
-        std::thread::sleep(Duration::from_secs(8));
-        broker.produce("images", &png_messages(&rows));
         let t0 = Instant::now();
-        while !reader.poll_until(2_000, Duration::from_millis(200)) {
+        while !reader.poll_until(300, Duration::from_millis(100)) {
+            assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
+        }
+        let b_joined_at = reader.messages().len();
+        let hb = s.spawn(|| run_stream(&b, &stop_b));
+        let t0 = Instant::now();
+        while reader.distinct_keys() < 2_000 {
             assert!(
-                t0.elapsed() < Duration::from_secs(180),
+                t0.elapsed() < Duration::from_secs(240),
                 "not every record was scored"
             );
+            reader.poll_until(usize::MAX, Duration::from_millis(200));
         }
         std::thread::sleep(Duration::from_millis(500));
         stop_a.store(true, Ordering::SeqCst);
         stop_b.store(true, Ordering::SeqCst);
-        (ha.join().unwrap().unwrap(), hb.join().unwrap().unwrap())
+        (
+            ha.join().unwrap().unwrap(),
+            hb.join().unwrap().unwrap(),
+            b_joined_at,
+        )
     });
+    eprintln!(
+        "second instance started after {b_joined_at} records; scored {} + {}",
+        sa.scored, sb.scored
+    );
     reader.poll_until(usize::MAX, Duration::from_secs(1));
     assert!(
         sa.scored > 0 && sb.scored > 0,
@@ -635,7 +649,7 @@ fn two_instances_in_one_group_share_the_partitions() {
     assert_eq!(
         sa.scored + sb.scored,
         2_000,
-        "every record scored exactly once"
+        "every record scored exactly once, across the rebalance"
     );
     assert_eq!(reader.messages().len(), 2_000);
     assert_eq!(reader.distinct_keys(), 2_000);
