@@ -658,3 +658,82 @@ fn two_instances_in_one_group_share_the_partitions() {
         broker.end_offsets("images", 4)
     );
 }
+
+#[test]
+fn scored_records_as_arrow_ipc_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start();
+    broker.create_topic("in", 1);
+    broker.create_topic("scored", 1);
+    broker.create_topic("dead", 1);
+    let model = common::tiny_model(dir.path(), 4);
+    let rows = images("mnist.parquet", 150);
+    broker.produce("in", &png_messages(&rows));
+    let sinks = r#"
+[sinks.kafka]
+scored_topic = "scored"
+format = "arrow"
+include_image = true
+dead_letter_topic = "dead"
+"#;
+    let cfg = pipeline(&Setup {
+        dir: dir.path(),
+        broker: &broker,
+        topic: "in",
+        group: "arrow",
+        model: &model,
+        threshold: 1e9,
+        extra_source: "",
+        options: "",
+        sinks,
+        metrics: None,
+    });
+    let mut reader = TopicReader::new(&broker, "scored");
+    let mut rows_read = 0;
+    let mut ids = BTreeSet::new();
+    let s = run_until(
+        &cfg,
+        || {
+            reader.poll_until(usize::MAX, Duration::from_millis(50));
+            rows_read = 0;
+            for m in reader.messages() {
+                let r =
+                    arrow::ipc::reader::StreamReader::try_new(m.payload().unwrap(), None).unwrap();
+                for b in r {
+                    let b = b.unwrap();
+                    rows_read += b.num_rows();
+                    assert_eq!(b.schema().field(0).name(), "id");
+                    assert!(
+                        b.column_by_name("image").is_some(),
+                        "include_image keeps the bytes"
+                    );
+                    assert!(b.column_by_name("lp_scale_2").is_some());
+                    let c = b.column_by_name("id").unwrap().as_string::<i32>();
+                    ids.extend(c.iter().map(|v| v.unwrap().to_string()));
+                }
+                assert_eq!(
+                    header(m, "glowwatch.rows")
+                        .unwrap()
+                        .parse::<usize>()
+                        .unwrap(),
+                    arrow::ipc::reader::StreamReader::try_new(m.payload().unwrap(), None)
+                        .unwrap()
+                        .map(|b| b.unwrap().num_rows())
+                        .sum::<usize>()
+                );
+            }
+            rows_read >= 150
+        },
+        Duration::from_secs(120),
+    );
+    assert_eq!(s.scored, 150);
+    assert_eq!(
+        rows_read, 150,
+        "one IPC stream per micro-batch, every record once"
+    );
+    assert_eq!(ids.len(), 150);
+    assert!(
+        reader.messages().len() < 150,
+        "batched, not one message per record"
+    );
+}
