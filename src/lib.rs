@@ -6,7 +6,9 @@
 //! - [`device`]: `--device auto|cpu|cuda:N`.
 //! - [`bench`]: scoring throughput measurements behind `glowwatch bench`.
 //! - [`train`]: training: data, the trainer, checkpoints, the optimizer.
-//! - [`pipeline`]: the batch pipeline's stages (source, decode, score, flag, sink) and runner.
+//! - [`pipeline`]: the pipeline's stages (source, decode, score, flag, sink) and the batch
+//!   (Parquet) and streaming (Kafka) runners.
+//! - [`registry`]: model versions on disk with an atomically moved `current` pointer.
 //! - [`eval`]: AUROC/AUPR/FPR95, calibration and reports.
 //! - [`sql`]: SQL over scored data with DataFusion, scoring UDFs (feature `sql`, default).
 //! - [`cli`]: the command-line interface (`main.rs` only calls into it).
@@ -18,6 +20,7 @@ pub mod eval;
 pub mod fsutil;
 pub mod glow;
 pub mod pipeline;
+pub mod registry;
 #[cfg(feature = "sql")]
 pub mod sql;
 pub mod train;

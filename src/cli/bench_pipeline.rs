@@ -128,6 +128,7 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
         decode: DecodeConfig::default(),
         models: ModelsConfig {
             in_model: a.model.clone(),
+            registry: None,
             general: a.general.clone(),
             device: a.device.to_string(),
             batch: a.batch,

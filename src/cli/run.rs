@@ -112,13 +112,13 @@ fn init_logging() {
 pub fn run(a: RunArgs) -> Result<()> {
     let cfg = PipelineConfig::load(&a.pipeline)?;
     let what = || format!("pipeline {}", a.pipeline.display());
+    init_logging();
     match cfg.source.kind {
         SourceKind::Parquet => {
             let s = run_pipeline(&cfg).with_context(what)?;
             print_summary(&s, a.json)
         }
         SourceKind::Kafka => {
-            init_logging();
             let stop = Arc::new(AtomicBool::new(false));
             let flag = Arc::clone(&stop);
             let first = std::sync::OnceLock::<std::time::Instant>::new();

@@ -66,6 +66,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         decode: DecodeConfig::default(),
         models: ModelsConfig {
             in_model: a.model.clone(),
+            registry: None,
             general: a.general.clone(),
             device: a.device.clone(),
             batch: 256,

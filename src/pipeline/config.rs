@@ -287,9 +287,13 @@ impl DecodeConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelsConfig {
-    /// In-distribution model file.
-    #[serde(rename = "in")]
+    /// In-distribution model file (or use `registry`).
+    #[serde(rename = "in", default)]
     pub in_model: PathBuf,
+    /// A model registry directory (see [`crate::registry`]): its `current` version is scored,
+    /// and a promoted version is picked up between batches without a restart.
+    #[serde(default)]
+    pub registry: Option<PathBuf>,
     /// General model file (for ratio scores).
     #[serde(default)]
     pub general: Option<PathBuf>,
@@ -483,7 +487,12 @@ impl PipelineConfig {
             }
         };
         self.source.paths.iter_mut().for_each(fix);
-        fix(&mut self.models.in_model);
+        if !self.models.in_model.as_os_str().is_empty() {
+            fix(&mut self.models.in_model);
+        }
+        if let Some(r) = &mut self.models.registry {
+            fix(r);
+        }
         if let Some(g) = &mut self.models.general {
             fix(g);
         }
@@ -558,10 +567,24 @@ impl PipelineConfig {
         if self.models.batch == 0 {
             return bad("models.batch must be at least 1".into());
         }
+        match (
+            self.models.in_model.as_os_str().is_empty(),
+            &self.models.registry,
+        ) {
+            (true, None) => {
+                return bad("models: `in` (a model file) or `registry` (a model registry directory) is needed".into());
+            }
+            (false, Some(_)) => {
+                return bad("models: give either `in` or `registry`, not both".into());
+            }
+            _ => {}
+        }
         match (&self.flag.calibration, self.flag.threshold) {
             (Some(_), Some(_)) => {
                 return bad("flag: give either `calibration` or `threshold`, not both".into());
             }
+            // A registry version carries its own calibration.
+            (None, None) if self.models.registry.is_some() => {}
             (None, None) => {
                 return bad("flag: `calibration` (a file from `glowwatch calibrate`) or `threshold` is needed".into());
             }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod decode;
 pub mod flag;
 pub mod metrics;
+pub mod models;
 pub mod offsets;
 pub mod run;
 pub mod schema;

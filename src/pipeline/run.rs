@@ -21,13 +21,13 @@ use serde::Serialize;
 
 use super::config::{PipelineConfig, SourceKind};
 use super::decode::{BatchOrigin, DecodedBatch, decode_batch};
-use super::flag::{Flagger, Status};
+use super::flag::Status;
+use super::models::{ModelWatcher, load_scorer};
 use super::schema::{dead_letter_schema, scored_schema};
-use super::score::{ModelScorer, scored_batch};
+use super::score::scored_batch;
 use super::sink::{ParquetSink, WrittenFile};
 use super::source::ParquetSource;
 use super::{PipelineError, Result};
-use crate::device::DeviceSpec;
 
 /// Batches that may wait between two stages.
 pub const CHANNEL_DEPTH: usize = 2;
@@ -107,24 +107,6 @@ pub(crate) fn join<T>(h: std::thread::ScopedJoinHandle<'_, Result<T>>, stage: &s
         .map_err(|_| PipelineError::Stage(format!("{stage} panicked")))?
 }
 
-/// Loads a pipeline's models on its device and its flag threshold.
-pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
-    let device: DeviceSpec = cfg
-        .models
-        .device
-        .parse()
-        .map_err(|e: String| PipelineError::Config(format!("models.device: {e}")))?;
-    let scorer = ModelScorer::load(
-        &cfg.models.in_model,
-        cfg.models.general.as_deref(),
-        device,
-        cfg.models.precision()?,
-        cfg.models.batch,
-    )?;
-    let flagger = Flagger::from_config(&cfg.flag, &scorer)?;
-    Ok((scorer, flagger))
-}
-
 /// Runs a pipeline over its Parquet source to completion.
 pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
     let started = Instant::now();
@@ -133,7 +115,8 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
             "run_pipeline reads Parquet sources; Kafka sources run with pipeline::stream".into(),
         ));
     }
-    let (scorer, flagger) = load_scorer(cfg)?;
+    let (mut scorer, mut flagger) = load_scorer(cfg)?;
+    let mut watcher = ModelWatcher::new(cfg, scorer.version())?;
 
     // Check the input before any work.
     let source = ParquetSource::open(&cfg.source.paths)?;
@@ -246,6 +229,12 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
         let mut truth: (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
         let score_result = (|| -> Result<()> {
             for d in dec_rx {
+                if let Some(w) = &mut watcher
+                    && let Some((s, f)) = w.poll(cfg, &scorer)
+                {
+                    scorer = s;
+                    flagger = f;
+                }
                 let at = SystemTime::now();
                 let scores = scorer.score_pixels(&d.pixels)?;
                 let (scored, flags) =

@@ -37,6 +37,7 @@ pub fn score_fields(scales: usize) -> Vec<Field> {
         f("threshold".into(), false),
         Field::new("is_ood", DataType::Boolean, false),
         Field::new("model_id", DataType::Utf8, false),
+        Field::new("model_version", DataType::Utf8, true),
         Field::new("general_model_id", DataType::Utf8, true),
         Field::new("scored_at", timestamp_type(), false),
         Field::new("status", DataType::Utf8, false),

@@ -138,6 +138,7 @@ pub struct ModelScorer {
     config: GlowConfig,
     in_scorer: GlowScorer,
     in_id: String,
+    version: Option<String>,
     general: Option<(GlowScorer, String)>,
     device: Device,
     batch: usize,
@@ -177,6 +178,7 @@ impl ModelScorer {
         Ok(Self {
             in_scorer: in_model.scorer_with_state(device, dtype, state)?,
             in_id: in_model.model_id()?,
+            version: None,
             general: match general {
                 Some(g) => Some((g.scorer_with_state(device, dtype, state)?, g.model_id()?)),
                 None => None,
@@ -209,6 +211,16 @@ impl ModelScorer {
     /// Model id of the in-distribution model.
     pub fn in_model_id(&self) -> &str {
         &self.in_id
+    }
+
+    /// The registry version of the in-distribution model, when it came from a registry.
+    pub fn version(&self) -> Option<&str> {
+        self.version.as_deref()
+    }
+
+    /// Names the registry version of the in-distribution model (written to `model_version`).
+    pub fn set_version(&mut self, version: Option<String>) {
+        self.version = version;
     }
 
     /// Model id of the general model, if any.
@@ -297,6 +309,7 @@ pub fn scored_batch(
         flags.iter().map(|f| f.is_ood).collect::<Vec<_>>(),
     )));
     cols.push(Arc::new(StringArray::from(vec![scorer.in_model_id(); n])));
+    cols.push(Arc::new(StringArray::from(vec![scorer.version(); n])));
     cols.push(Arc::new(StringArray::from(vec![
         scorer.general_model_id();
         n

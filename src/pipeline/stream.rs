@@ -49,8 +49,9 @@ use super::config::{KafkaSourceConfig, PipelineConfig, SourceKind};
 use super::decode::{BatchOrigin, ImageColumns, decode_batch};
 use super::flag::Status;
 use super::metrics::{self as m, QueueDepth};
+use super::models::{ModelWatcher, load_scorer};
 use super::offsets::{BatchSeq, OffsetTracker, PartitionRange, TopicPartition};
-use super::run::{join, load_scorer, run_id, send};
+use super::run::{join, run_id, send};
 use super::schema::{dead_letter_schema, scored_schema};
 use super::score::scored_batch;
 use super::sink::{KafkaSink, ParquetSink};
@@ -309,7 +310,8 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
             ));
         }
     };
-    let (scorer, flagger) = load_scorer(cfg)?;
+    let (mut scorer, mut flagger) = load_scorer(cfg)?;
+    let mut watcher = ModelWatcher::new(cfg, scorer.version())?;
     if let Some(addr) = cfg.metrics.listen {
         m::serve(addr)?;
         info!(%addr, "serving /metrics");
@@ -684,6 +686,12 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
         let score_result = (|| -> Result<()> {
             for d in dec_rx {
                 SCORE_Q.pop();
+                if let Some(w) = &mut watcher
+                    && let Some((s, f)) = w.poll(cfg, &scorer)
+                {
+                    scorer = s;
+                    flagger = f;
+                }
                 let at = SystemTime::now();
                 let scores = scorer.score_pixels(&d.pixels)?;
                 let (scored, flags) =

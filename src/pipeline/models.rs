@@ -1,0 +1,126 @@
+//! Which models a pipeline scores with: a model file, or the `current` version of a model
+//! registry ([`crate::registry`]), watched between batches so a promoted (or rolled back)
+//! version is picked up without a restart. A batch is always scored by one version, and every
+//! scored row names it (`model_id`, `model_version`).
+
+use tracing::{info, warn};
+
+use super::config::{FlagConfig, PipelineConfig};
+use super::flag::Flagger;
+use super::score::ModelScorer;
+use super::{PipelineError, Result};
+use crate::device::DeviceSpec;
+use crate::registry::Registry;
+
+fn registry_err(e: crate::registry::RegistryError) -> PipelineError {
+    PipelineError::Config(format!("models.registry: {e}"))
+}
+
+/// Loads a pipeline's models on its device, and its flag threshold (from the registry
+/// version's calibration when the pipeline names no other).
+pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
+    let (model, version, calibration) = match &cfg.models.registry {
+        Some(dir) => {
+            let r = Registry::open(dir).map_err(registry_err)?;
+            let v = r.current().map_err(registry_err)?.ok_or_else(|| {
+                PipelineError::Config(format!(
+                    "models.registry {}: no current version (promote one first)",
+                    dir.display()
+                ))
+            })?;
+            (v.model(), Some(v.name.clone()), Some(v.calibration()))
+        }
+        None => (cfg.models.in_model.clone(), None, None),
+    };
+    let device: DeviceSpec = cfg
+        .models
+        .device
+        .parse()
+        .map_err(|e: String| PipelineError::Config(format!("models.device: {e}")))?;
+    let mut scorer = ModelScorer::load(
+        &model,
+        cfg.models.general.as_deref(),
+        device,
+        cfg.models.precision()?,
+        cfg.models.batch,
+    )?;
+    scorer.set_version(version);
+    let flag = match (&cfg.flag, calibration) {
+        (
+            FlagConfig {
+                calibration: None,
+                threshold: None,
+                ..
+            },
+            Some(c),
+        ) => FlagConfig {
+            calibration: Some(c),
+            ..cfg.flag.clone()
+        },
+        _ => cfg.flag.clone(),
+    };
+    let flagger = Flagger::from_config(&flag, &scorer)?;
+    Ok((scorer, flagger))
+}
+
+/// Watches a registry's `current` pointer (a small file read per batch).
+pub struct ModelWatcher {
+    registry: Registry,
+    current: Option<String>,
+}
+
+impl ModelWatcher {
+    /// A watcher for pipelines whose models come from a registry; `current` is the version
+    /// loaded now.
+    pub fn new(cfg: &PipelineConfig, current: Option<&str>) -> Result<Option<Self>> {
+        match &cfg.models.registry {
+            None => Ok(None),
+            Some(dir) => Ok(Some(Self {
+                registry: Registry::open(dir).map_err(registry_err)?,
+                current: current.map(String::from),
+            })),
+        }
+    }
+
+    /// When `current` points somewhere new, loads that version (scorer and threshold) and
+    /// returns it. A version that cannot be loaded, or takes different input or a different
+    /// number of scales than `scorer`, is refused with a warning and the pipeline keeps
+    /// scoring with the model it has.
+    pub fn poll(
+        &mut self,
+        cfg: &PipelineConfig,
+        scorer: &ModelScorer,
+    ) -> Option<(ModelScorer, Flagger)> {
+        let now = match self.registry.current() {
+            Ok(v) => v.map(|v| v.name),
+            Err(e) => {
+                warn!("model registry: {e}; keeping {:?}", self.current);
+                return None;
+            }
+        };
+        if now.is_none() || now == self.current {
+            return None;
+        }
+        let from = self.current.replace(now.clone().unwrap_or_default());
+        match load_scorer(cfg) {
+            Ok((s, f)) => {
+                let (a, b) = (s.config(), scorer.config());
+                if (a.in_channels, a.image_size, &a.preprocess, a.scales)
+                    != (b.in_channels, b.image_size, &b.preprocess, b.scales)
+                {
+                    warn!(
+                        version = ?now,
+                        "model registry: the new version takes different input or scales; keeping {from:?}"
+                    );
+                    return None;
+                }
+                info!(from = ?from, to = ?s.version(), model_id = s.in_model_id(), threshold = f.threshold, "switched model version");
+                Some((s, f))
+            }
+            Err(e) => {
+                warn!(version = ?now, "model registry: cannot load the new version ({e}); keeping {from:?}");
+                None
+            }
+        }
+    }
+}
