@@ -9,6 +9,7 @@
 //! - [`pipeline`]: the pipeline's stages (source, decode, score, flag, sink) and the batch
 //!   (Parquet) and streaming (Kafka) runners.
 //! - [`registry`]: model versions on disk with an atomically moved `current` pointer.
+//! - [`retrain`]: scheduled retraining: SQL selection, fine-tune, gates, promotion (feature `sql`).
 //! - [`eval`]: AUROC/AUPR/FPR95, calibration and reports.
 //! - [`sql`]: SQL over scored data with DataFusion, scoring UDFs (feature `sql`, default).
 //! - [`cli`]: the command-line interface (`main.rs` only calls into it).
@@ -21,6 +22,8 @@ pub mod fsutil;
 pub mod glow;
 pub mod pipeline;
 pub mod registry;
+#[cfg(feature = "sql")]
+pub mod retrain;
 #[cfg(feature = "sql")]
 pub mod sql;
 pub mod train;

@@ -11,6 +11,8 @@ mod eval;
 mod import;
 mod model;
 mod produce;
+#[cfg(feature = "sql")]
+mod retrain;
 mod run;
 mod score;
 #[cfg(feature = "sql")]
@@ -94,6 +96,9 @@ enum Command {
     Import(import::ImportArgs),
     /// Measure Parquet -> score -> Parquet throughput against pure scoring, decode speed, memory.
     BenchPipeline(bench_pipeline::BenchPipelineArgs),
+    /// Retrain the current registry version on fresh inliers selected with SQL; promote it if it passes the gates.
+    #[cfg(feature = "sql")]
+    Retrain(retrain::RetrainArgs),
     /// Publish images from Parquet to a Kafka topic (optionally at a fixed rate).
     Produce(produce::ProduceArgs),
     /// Kafka pipeline against a running broker: saturation, latency at a fixed load, memory under overload.
@@ -121,6 +126,8 @@ pub fn main() -> ExitCode {
         Command::Import(a) => import::run(a),
         Command::BenchPipeline(a) => bench_pipeline::run(a),
         Command::Produce(a) => produce::run(a),
+        #[cfg(feature = "sql")]
+        Command::Retrain(a) => retrain::run(a),
         Command::BenchStream(a) => bench_stream::run(a),
         #[cfg(feature = "sql")]
         Command::Sql(a) => sql::run(a),

@@ -14,6 +14,7 @@ use super::bench::named_config;
 use crate::device::DeviceSpec;
 use crate::glow::GlowModel;
 use crate::glow::file::now_rfc3339;
+use crate::train::FINE_TUNE_WARMUP_STEPS;
 use crate::train::checkpoint;
 use crate::train::data::{Augment, ImageDataset, SkippedRows, Split};
 use crate::train::progress::Progress;
@@ -343,14 +344,6 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     }
     Ok(())
 }
-
-/// Warm-up steps used when `--warmup` is not given.
-///
-/// Fine-tuning needs one: Adamax's first update moves every parameter by about `lr` in the
-/// direction of its gradient's sign, which knocked a trained Fashion-MNIST parent from 3.97 to
-/// ~10 bpd within ten steps (it recovered, but lost what it had in common with the general model,
-/// which is what the likelihood ratio relies on). 300 linear steps kept it at 3.9-4.0.
-pub const FINE_TUNE_WARMUP_STEPS: u64 = 300;
 
 /// `--warmup` as given, else [`FINE_TUNE_WARMUP_STEPS`] when fine-tuning and 0 from scratch.
 pub fn warmup_steps(given: Option<u64>, fine_tuning: bool) -> u64 {

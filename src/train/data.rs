@@ -31,9 +31,14 @@ pub enum Split {
     Holdout(f64),
 }
 
+/// A stable pseudo-random number in [0, 1) from a record id (the split's hash).
+pub fn id_unit(id: &str) -> f64 {
+    (fnv1a(id.as_bytes()) >> 11) as f64 / (1u64 << 53) as f64
+}
+
 impl Split {
     fn keeps(self, id: &str) -> bool {
-        let u = (fnv1a(id.as_bytes()) >> 11) as f64 / (1u64 << 53) as f64;
+        let u = id_unit(id);
         match self {
             Split::All => true,
             Split::Train(f) => u >= f,
