@@ -737,3 +737,76 @@ dead_letter_topic = "dead"
         "batched, not one message per record"
     );
 }
+
+#[test]
+fn a_running_pipeline_switches_registry_versions_between_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start();
+    broker.create_topic("in", 2);
+    broker.create_topic("scored", 1);
+    broker.create_topic("dead", 1);
+    let registry = glowwatch::registry::Registry::open(dir.path().join("registry/m")).unwrap();
+    let v1 = registry.add_version(&common::tiny_model(dir.path(), 6), &[]).unwrap();
+    let v2 = registry.add_version(&common::tiny_model(dir.path(), 7), &[]).unwrap();
+    registry.promote(&v1.name).unwrap();
+    let id_of = |v: &glowwatch::registry::Version| {
+        glowwatch::glow::GlowModel::load(v.model(), &candle_core::Device::Cpu)
+            .unwrap()
+            .model_id()
+            .unwrap()
+    };
+    let (id1, id2) = (id_of(&v1), id_of(&v2));
+    let rows = images("fashion_mnist_test.parquet", 600);
+    let text = pipeline_text(&Setup {
+        dir: dir.path(),
+        broker: &broker,
+        topic: "in",
+        group: "swap",
+        model: Path::new("unused"),
+        threshold: 1e9,
+        extra_source: "",
+        options: "",
+        sinks: KAFKA_SINKS,
+        metrics: None,
+    })
+    .replace(
+        "in = \"unused\"",
+        &format!("registry = \"{}\"", registry.dir().display()),
+    );
+    let cfg = PipelineConfig::parse(&text, dir.path()).unwrap();
+    let mut reader = TopicReader::new(&broker, "scored");
+    let s = run_until(
+        &cfg,
+        || {
+            if reader.messages().is_empty() {
+                broker.produce("in", &png_messages(&rows[..300]));
+                assert!(reader.poll_until(300, Duration::from_secs(120)));
+                // Every first-half record is scored: promote v2, then send the second half.
+                registry.promote("v0002").unwrap();
+                broker.produce("in", &png_messages(&rows[300..]));
+            }
+            reader.poll_until(600, Duration::from_millis(100))
+        },
+        Duration::from_secs(240),
+    );
+    assert_eq!(s.scored, 600);
+    let mut by_id = BTreeMap::new();
+    for m in reader.messages() {
+        let v = json(m);
+        let id = v["id"].as_str().unwrap().to_string();
+        let ver = (
+            v["model_version"].as_str().unwrap().to_string(),
+            v["model_id"].as_str().unwrap().to_string(),
+        );
+        assert!(by_id.insert(id, ver).is_none(), "a record scored twice");
+    }
+    assert_eq!(by_id.len(), 600);
+    for (i, (id, _)) in rows.iter().enumerate() {
+        let want = if i < 300 {
+            ("v0001".to_string(), id1.clone())
+        } else {
+            ("v0002".to_string(), id2.clone())
+        };
+        assert_eq!(by_id[id], want, "{id}");
+    }
+}
