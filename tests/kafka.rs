@@ -746,8 +746,12 @@ fn a_running_pipeline_switches_registry_versions_between_batches() {
     broker.create_topic("scored", 1);
     broker.create_topic("dead", 1);
     let registry = glowwatch::registry::Registry::open(dir.path().join("registry/m")).unwrap();
-    let v1 = registry.add_version(&common::tiny_model(dir.path(), 6), &[]).unwrap();
-    let v2 = registry.add_version(&common::tiny_model(dir.path(), 7), &[]).unwrap();
+    let v1 = registry
+        .add_version(&common::tiny_model(dir.path(), 6), &[])
+        .unwrap();
+    let v2 = registry
+        .add_version(&common::tiny_model(dir.path(), 7), &[])
+        .unwrap();
     registry.promote(&v1.name).unwrap();
     let id_of = |v: &glowwatch::registry::Version| {
         glowwatch::glow::GlowModel::load(v.model(), &candle_core::Device::Cpu)

@@ -11,6 +11,7 @@ mod eval;
 mod import;
 mod model;
 mod produce;
+mod registry;
 #[cfg(feature = "sql")]
 mod retrain;
 mod run;
@@ -99,6 +100,9 @@ enum Command {
     /// Retrain the current registry version on fresh inliers selected with SQL; promote it if it passes the gates.
     #[cfg(feature = "sql")]
     Retrain(retrain::RetrainArgs),
+    /// Model versions: list, add, promote, roll back.
+    #[command(subcommand)]
+    Registry(registry::RegistryCommand),
     /// Publish images from Parquet to a Kafka topic (optionally at a fixed rate).
     Produce(produce::ProduceArgs),
     /// Kafka pipeline against a running broker: saturation, latency at a fixed load, memory under overload.
@@ -126,6 +130,7 @@ pub fn main() -> ExitCode {
         Command::Import(a) => import::run(a),
         Command::BenchPipeline(a) => bench_pipeline::run(a),
         Command::Produce(a) => produce::run(a),
+        Command::Registry(c) => registry::run(c),
         #[cfg(feature = "sql")]
         Command::Retrain(a) => retrain::run(a),
         Command::BenchStream(a) => bench_stream::run(a),

@@ -16,10 +16,16 @@ fn registry_err(e: crate::registry::RegistryError) -> PipelineError {
     PipelineError::Config(format!("models.registry: {e}"))
 }
 
-/// Loads a pipeline's models on its device, and its flag threshold (from the registry
-/// version's calibration when the pipeline names no other).
-pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
-    let (model, version, calibration) = match &cfg.models.registry {
+/// The in-distribution model file a pipeline uses now: its `in` file, or its registry's current
+/// version (with that version's name and calibration file).
+pub fn in_model(
+    cfg: &PipelineConfig,
+) -> Result<(
+    std::path::PathBuf,
+    Option<String>,
+    Option<std::path::PathBuf>,
+)> {
+    Ok(match &cfg.models.registry {
         Some(dir) => {
             let r = Registry::open(dir).map_err(registry_err)?;
             let v = r.current().map_err(registry_err)?.ok_or_else(|| {
@@ -31,7 +37,13 @@ pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
             (v.model(), Some(v.name.clone()), Some(v.calibration()))
         }
         None => (cfg.models.in_model.clone(), None, None),
-    };
+    })
+}
+
+/// Loads a pipeline's models on its device, and its flag threshold (from the registry
+/// version's calibration when the pipeline names no other).
+pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
+    let (model, version, calibration) = in_model(cfg)?;
     let device: DeviceSpec = cfg
         .models
         .device

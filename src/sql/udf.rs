@@ -72,8 +72,9 @@ impl SqlModels {
         cfg: &crate::pipeline::config::PipelineConfig,
         device: crate::device::DeviceSpec,
     ) -> anyhow::Result<Self> {
+        let (model, _, _) = crate::pipeline::models::in_model(cfg)?;
         Self::load(
-            &cfg.models.in_model,
+            &model,
             cfg.models.general.as_deref(),
             device,
             cfg.models.batch,
