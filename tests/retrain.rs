@@ -3,6 +3,8 @@
 //! SQL, fine-tunes, evaluates against MNIST, promotes and recalibrates; a failing gate keeps the
 //! current version (exit 3); a second retrain while one holds the lock exits 75 with a message.
 
+#![cfg(feature = "sql")]
+
 mod common;
 
 use std::path::{Path, PathBuf};
