@@ -270,6 +270,25 @@ mod tests {
         assert_eq!(r.current().unwrap().unwrap(), v1);
         assert!(r.rollback(None).unwrap_err().to_string().contains("oldest"));
         assert!(r.promote("v0009").is_err());
+        // Readers never see a partial pointer while it moves back and forth.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut reads = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let v = r.current().unwrap().unwrap().name;
+                    assert!(v == "v0001" || v == "v0002", "{v}");
+                    reads += 1;
+                }
+                reads
+            });
+            for i in 0..300 {
+                r.promote(if i % 2 == 0 { "v0002" } else { "v0001" })
+                    .unwrap();
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(reader.join().unwrap() > 0);
+        });
         // The lock is exclusive and released on drop.
         let l = r.lock_retrain().unwrap();
         let e = r.lock_retrain().unwrap_err().to_string();

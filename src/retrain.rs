@@ -121,10 +121,23 @@ impl SelectConfig {
     }
 }
 
+/// Where the candidate starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    /// The registry's current version (fine-tuning on the new window).
+    #[default]
+    Current,
+    /// The general model (a fresh in-distribution model from the general one).
+    General,
+}
+
 /// Fine-tuning settings (the recipe of `glowwatch train --init-from`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetrainTrain {
+    /// Start from the current version or from the general model.
+    pub from: StartFrom,
     /// Optimizer steps.
     pub steps: u64,
     /// Images per step.
@@ -147,6 +160,7 @@ impl Default for RetrainTrain {
     fn default() -> Self {
         let o = OutlierLoss::grey_default();
         Self {
+            from: StartFrom::Current,
             steps: 500,
             batch: 64,
             lr: 5e-4,
@@ -217,6 +231,9 @@ impl RetrainConfig {
         c.evaluate.reference_ood.iter_mut().for_each(fix);
         if let Some(w) = &mut c.work_dir {
             fix(w);
+        }
+        if c.train.from == StartFrom::General && c.general.is_none() {
+            bail!("train.from = \"general\" needs `general`");
         }
         if c.evaluate.score.needs_general() && c.general.is_none() {
             bail!("evaluate.score = \"{}\" needs `general`", c.evaluate.score);
@@ -453,8 +470,20 @@ pub fn retrain(cfg: &RetrainConfig, progress: &Progress) -> Result<RetrainReport
         .map(|p| GlowModel::load(p, &device))
         .transpose()?;
 
-    // 2. Fine-tune the current model (the shared training code, `--init-from` recipe).
-    let mut candidate = GlowModel::load(current.model(), &device)?;
+    // 2. Fine-tune the current model, or the general one (the shared training code,
+    // `--init-from` recipe).
+    let start = match (cfg.train.from, &cfg.general) {
+        (StartFrom::General, Some(g)) => g.clone(),
+        _ => current.model(),
+    };
+    let mut candidate = GlowModel::load(&start, &device)?;
+    if candidate.config() != &mcfg {
+        bail!(
+            "{} has a different configuration from the current version; it cannot replace it",
+            start.display()
+        );
+    }
+    let parent_id = candidate.model_id()?;
     let gscorer = match (&general, cfg.train.outlier_data.is_empty()) {
         (Some(g), false) => Some(g.scorer(&device, DType::F32)?),
         _ => None,
@@ -524,7 +553,7 @@ pub fn retrain(cfg: &RetrainConfig, progress: &Progress) -> Result<RetrainReport
         created: crate::glow::file::now_rfc3339(),
         train_steps: cur_model.card.train_steps + report.steps,
         final_bpd: report.final_val_bpd,
-        parent: Some(cur_model.model_id()?),
+        parent: Some(parent_id),
         notes: serde_json::to_string(&options)?,
     };
     let cand_path = work.join("candidate.safetensors");

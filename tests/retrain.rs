@@ -196,4 +196,29 @@ path = "dead"
     assert_eq!(registry.rollback(None).unwrap().name, "v0001");
     let (s3, _) = glowwatch::pipeline::models::load_scorer(&cfg).unwrap();
     assert_eq!(s3.version(), Some("v0001"));
+
+    // Starting again from the general model instead of the current version.
+    let general = common::tiny_model(d, 9);
+    let text = std::fs::read_to_string(retrain_toml(d, &reg_dir, &scored, 1000.0))
+        .unwrap()
+        .replace(
+            "device = \"cpu\"",
+            &format!("device = \"cpu\"\ngeneral = \"{}\"", general.display()),
+        )
+        .replace("[train]", "[train]\nfrom = \"general\"");
+    let p = d.join("retrain-general.toml");
+    std::fs::write(&p, text).unwrap();
+    let r = retrain(&RetrainConfig::load(&p).unwrap(), &Progress::Quiet).unwrap();
+    assert_eq!(r.outcome, Outcome::Promoted, "{r:#?}");
+    assert_eq!(r.current_version, "v0003");
+    let m = glowwatch::glow::GlowModel::load(
+        registry.current().unwrap().unwrap().model(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let gid = glowwatch::glow::GlowModel::load(&general, &candle_core::Device::Cpu)
+        .unwrap()
+        .model_id()
+        .unwrap();
+    assert_eq!(m.card.parent.as_deref(), Some(gid.as_str()));
 }
