@@ -24,6 +24,15 @@ pub struct RunArgs {
     pub json: bool,
 }
 
+/// Dead letters by reason, for summaries (empty when there are none).
+fn reasons(by_reason: &std::collections::BTreeMap<String, u64>) -> String {
+    if by_reason.is_empty() {
+        String::new()
+    } else {
+        format!(" {by_reason:?}")
+    }
+}
+
 /// Prints a run summary.
 pub(super) fn print_summary(s: &RunSummary, json: bool) -> Result<()> {
     if json {
@@ -43,11 +52,7 @@ pub(super) fn print_summary(s: &RunSummary, json: bool) -> Result<()> {
         s.threshold,
         s.non_finite,
         s.dead_lettered,
-        if s.dead_by_reason.is_empty() {
-            String::new()
-        } else {
-            format!(" {:?}", s.dead_by_reason)
-        }
+        reasons(&s.dead_by_reason)
     );
     if let Some(a) = s.auroc {
         println!("  AUROC of {} against the truth column: {a:.4}", s.score);
@@ -81,11 +86,7 @@ fn print_stream_summary(s: &StreamSummary, json: bool) -> Result<()> {
         s.flagged,
         s.non_finite,
         s.dead_lettered,
-        if s.dead_by_reason.is_empty() {
-            String::new()
-        } else {
-            format!(" {:?}", s.dead_by_reason)
-        },
+        reasons(&s.dead_by_reason),
         s.commits
     );
     for f in &s.scored_files {

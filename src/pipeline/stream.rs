@@ -410,6 +410,15 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                     st.commits += 1;
                 }
             };
+            // A batch entered the decode queue: its offsets are tracked from now on.
+            let dispatched = |seq: BatchSeq, parts: &[PartitionRange]| {
+                DECODE_Q.push();
+                shared
+                    .lock()
+                    .expect("consumer state")
+                    .tracker
+                    .dispatch(seq, parts);
+            };
             let set_paused = |pause: bool| {
                 if let Ok(a) = consumer.assignment() {
                     let r = if pause {
@@ -436,12 +445,7 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                     let seq_b = b.seq;
                     match tx.try_send(b) {
                         Ok(()) => {
-                            DECODE_Q.push();
-                            shared
-                                .lock()
-                                .expect("consumer state")
-                                .tracker
-                                .dispatch(seq_b, &parts);
+                            dispatched(seq_b, &parts);
                             blocked_since = None;
                             if paused {
                                 set_paused(false);
@@ -520,12 +524,7 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
             for (b, parts) in queue {
                 let seq_b = b.seq;
                 send(&tx, b, "consumer")?;
-                DECODE_Q.push();
-                shared
-                    .lock()
-                    .expect("consumer state")
-                    .tracker
-                    .dispatch(seq_b, &parts);
+                dispatched(seq_b, &parts);
             }
             drop(tx);
             loop {
