@@ -205,7 +205,13 @@ path = "dead"
             "device = \"cpu\"",
             &format!("device = \"cpu\"\ngeneral = \"{}\"", general.display()),
         )
-        .replace("[train]", "[train]\nfrom = \"general\"");
+        .replace(
+            "[train]",
+            &format!(
+                "[train]\nfrom = \"general\"\noutlier_data = [\"{}\"]",
+                common::shared("mnist.parquet").display()
+            ),
+        );
     let p = d.join("retrain-general.toml");
     std::fs::write(&p, text).unwrap();
     let r = retrain(&RetrainConfig::load(&p).unwrap(), &Progress::Quiet).unwrap();
@@ -221,4 +227,26 @@ path = "dead"
         .model_id()
         .unwrap();
     assert_eq!(m.card.parent.as_deref(), Some(gid.as_str()));
+}
+
+#[test]
+fn every_runs_again_after_each_run() {
+    // A job that fails at once (empty registry) shows the scheduler loop without training.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let toml = retrain_toml(d, &d.join("registry/empty"), &d.join("nothing"), 0.0);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glowwatch"))
+        .args(["retrain", toml.to_str().unwrap(), "--every", "300ms"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let runs = err
+        .matches("run ended with status 1; next in 300ms")
+        .count();
+    assert!(runs >= 2, "{err}");
+    assert!(err.contains("no current version"), "{err}");
 }
