@@ -173,6 +173,10 @@ fn to_output(r: &StatementResult) -> DBOutput<DefaultColumnType> {
 fn sqllogictest_files() {
     let rt = Arc::new(runtime());
     let session = Arc::new(rt.block_on(session(false)));
+    // errors.slt exports with COPY TO under target/ (the slt runner's `__TEST_DIR__`
+    // substitution wrote into the checkout instead of a temporary directory).
+    let _ =
+        std::fs::remove_dir_all(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/slt-scratch"));
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sql");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
