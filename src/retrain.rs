@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
-use arrow::array::{Array, AsArray, BinaryArray, RecordBatch, StringArray};
+use arrow::array::{BinaryArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
@@ -320,23 +320,7 @@ fn select(cfg: &SelectConfig) -> Result<Vec<(String, Vec<u8>)>> {
             .ok_or_else(|| anyhow!("the selection ran no statement"))?;
         let mut rows = Vec::new();
         for b in &res.batches {
-            let id = arrow::compute::cast(
-                b.column_by_name("id")
-                    .ok_or_else(|| anyhow!("the selection must return an `id` column"))?,
-                &DataType::Utf8,
-            )?;
-            let id = id.as_string::<i32>();
-            let img = b
-                .column_by_name("image")
-                .ok_or_else(|| anyhow!("the selection must return an `image` column"))?;
-            let img = arrow::compute::cast(img, &DataType::Binary)
-                .map_err(|e| anyhow!("`image` must be binary, it is {}: {e}", img.data_type()))?;
-            let img = img.as_binary::<i32>();
-            for i in 0..b.num_rows() {
-                if id.is_valid(i) && img.is_valid(i) {
-                    rows.push((id.value(i).to_string(), img.value(i).to_vec()));
-                }
-            }
+            rows.extend(crate::pipeline::decode::id_image_rows(b)?);
         }
         Ok(rows)
     })

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use arrow::array::{Array, AsArray};
 use clap::Args;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rdkafka::ClientConfig;
@@ -42,21 +41,7 @@ pub fn read_images(path: &Path, limit: usize) -> Result<Vec<(String, Vec<u8>)>> 
         .build()?;
     let mut out = Vec::new();
     for b in r {
-        let b = b?;
-        let ids = arrow::compute::cast(
-            b.column_by_name("id").context("no `id` column")?,
-            &arrow::datatypes::DataType::Utf8,
-        )?;
-        let ids = ids.as_string::<i32>();
-        let img = b.column_by_name("image").context("no `image` column")?;
-        let img = img
-            .as_binary_opt::<i32>()
-            .context("`image` must be a binary column")?;
-        for i in 0..b.num_rows() {
-            if img.is_valid(i) {
-                out.push((ids.value(i).to_string(), img.value(i).to_vec()));
-            }
-        }
+        out.extend(crate::pipeline::decode::id_image_rows(&b?)?);
     }
     Ok(out)
 }

@@ -493,6 +493,25 @@ pub fn decode_values(
         .collect()
 }
 
+/// The (id, encoded image) pairs of a batch with `id` (any type castable to text) and `image`
+/// (any binary type) columns; rows with a null id or image are left out.
+pub fn id_image_rows(batch: &RecordBatch) -> Result<Vec<(String, Vec<u8>)>> {
+    let col = |name: &str| {
+        batch
+            .column_by_name(name)
+            .ok_or_else(|| PipelineError::Schema(format!("no `{name}` column")))
+    };
+    let ids = arrow::compute::cast(col("id")?, &DataType::Utf8)?;
+    let ids = ids.as_string::<i32>();
+    let img = arrow::compute::cast(col("image")?, &DataType::Binary)
+        .map_err(|e| PipelineError::Schema(format!("`image` must be binary: {e}")))?;
+    let img = img.as_binary::<i32>();
+    Ok((0..batch.num_rows())
+        .filter(|&i| ids.is_valid(i) && img.is_valid(i))
+        .map(|i| (ids.value(i).to_string(), img.value(i).to_vec()))
+        .collect())
+}
+
 /// Where a batch came from: its coordinates for dead-letter rows and reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchOrigin {

@@ -112,6 +112,17 @@ impl Shared {
             self.tracker.complete(seq);
         }
     }
+
+    /// Takes acknowledgements until `busy` is false, `deadline` passes or the sinks are gone.
+    fn wait_acks(&mut self, deadline: Option<Instant>, busy: impl Fn(&OffsetTracker) -> bool) {
+        while busy(&self.tracker) && deadline.is_none_or(|d| Instant::now() < d) {
+            match self.acks.recv_timeout(Duration::from_millis(20)) {
+                Ok(seq) => self.tracker.complete(seq),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    }
 }
 
 struct StreamContext {
@@ -166,14 +177,9 @@ impl ConsumerContext for StreamContext {
             .collect();
         self.flush_now.store(true, Ordering::SeqCst);
         let mut st = self.shared.lock().expect("consumer state");
-        let deadline = Instant::now() + self.drain_timeout;
-        while tps.iter().any(|tp| st.tracker.in_flight(tp) > 0) && Instant::now() < deadline {
-            match st.acks.recv_timeout(Duration::from_millis(20)) {
-                Ok(seq) => st.tracker.complete(seq),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-        }
+        st.wait_acks(Some(Instant::now() + self.drain_timeout), |t| {
+            tps.iter().any(|tp| t.in_flight(tp) > 0)
+        });
         let abandoned: usize = tps.iter().map(|tp| st.tracker.in_flight(tp)).sum();
         let commits: Vec<(TopicPartition, i64)> = tps
             .iter()
@@ -527,17 +533,10 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                 dispatched(seq_b, &parts);
             }
             drop(tx);
-            loop {
-                let mut st = shared.lock().expect("consumer state");
-                if st.tracker.in_flight_batches() == 0 {
-                    break;
-                }
-                match st.acks.recv_timeout(Duration::from_millis(100)) {
-                    Ok(seq) => st.tracker.complete(seq),
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            }
+            shared
+                .lock()
+                .expect("consumer state")
+                .wait_acks(None, |t| t.in_flight_batches() > 0);
             commit_now(true, &mut last_commit);
             let st = shared.lock().expect("consumer state");
             info!(
