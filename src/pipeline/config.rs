@@ -169,8 +169,11 @@ pub struct KafkaSourceConfig {
     /// become durable before giving them up (uncommitted records are redelivered).
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
-    /// When decoding has been behind for this long, pause the partitions (until then the
-    /// bounded prefetch queue of librdkafka holds back fetching).
+    /// When one micro-batch has waited this long for room in the decode queue (the scorer is
+    /// stuck, not merely busy), pause the partitions and poll only to serve the group. Until
+    /// then librdkafka's bounded prefetch queue holds back fetching. Pausing purges that queue
+    /// and discards in-flight fetches, which costs a fetch round trip per resume, so it is kept
+    /// for long stalls; it must stay below librdkafka's `max.poll.interval.ms` (300 s).
     #[serde(default = "default_pause_after_ms")]
     pub pause_after_ms: u64,
     /// Extra librdkafka settings passed through (security.protocol, sasl.*, ssl.*, ...).
@@ -179,7 +182,7 @@ pub struct KafkaSourceConfig {
 }
 
 fn default_pause_after_ms() -> u64 {
-    1000
+    30_000
 }
 fn default_max_batch_rows() -> usize {
     256
@@ -543,6 +546,18 @@ impl PipelineConfig {
                 if k.max_batch_rows == 0 {
                     return bad("source.kafka.max_batch_rows must be at least 1".into());
                 }
+                let max_poll_ms = k
+                    .options
+                    .get("max.poll.interval.ms")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(300_000);
+                if k.pause_after_ms >= max_poll_ms {
+                    return bad(format!(
+                        "source.kafka.pause_after_ms ({}) must be below max.poll.interval.ms ({max_poll_ms}): \
+                         the consumer does not poll while it waits that long",
+                        k.pause_after_ms
+                    ));
+                }
                 if !matches!(k.offset_reset.as_str(), "earliest" | "latest") {
                     return bad(format!(
                         "source.kafka.offset_reset: `{}` (earliest or latest)",
@@ -718,6 +733,14 @@ mod tests {
             "[source.kafka]\noffset_reset = \"middle\"\n",
         ));
         assert!(e.contains("offset_reset"), "{e}");
+        // The consumer does not poll while a batch waits for the scorer: pausing must come
+        // before librdkafka's poll-interval limit expels it from the group.
+        assert_eq!(k.pause_after_ms, 30_000);
+        let e = err(KAFKA.replace(
+            "\"security.protocol\" = \"SASL_PLAINTEXT\"",
+            "\"max.poll.interval.ms\" = \"20000\"",
+        ));
+        assert!(e.contains("pause_after_ms (30000) must be below"), "{e}");
         // A Kafka sink needs a Kafka source; a Parquet source needs its Parquet sinks.
         let e = err(GOOD.to_string() + "[sinks.kafka]\nscored_topic = \"x\"\n");
         assert!(e.contains("sinks.kafka needs a Kafka source"), "{e}");

@@ -18,11 +18,13 @@
 //! **Back-pressure**: when the queue in front of decoding is full the consumer stops taking
 //! messages, so librdkafka's prefetch queue fills (bounded: `queued.max.messages.kbytes`,
 //! 16 MiB here, and `fetch.max.bytes`, 8 MiB) and fetching stops; when the stall lasts longer
-//! than `pause_after_ms` the consumer also pauses its partitions and polls only to stay in the
-//! group. Memory stays bounded by the channels and that queue when producers outpace the
-//! scorer. (Pausing at once on every full queue would be simpler, but librdkafka purges its
-//! prefetched messages on pause and fetches them again on resume, which at saturation costs a
-//! fetch round trip per batch.)
+//! than `pause_after_ms` (30 s: the scorer is stuck, not busy) the consumer also pauses its
+//! partitions and polls only to stay in the group. Memory stays bounded by the channels and
+//! that queue when producers outpace the scorer. (Pausing on every full queue would be simpler,
+//! but librdkafka purges its prefetched messages on pause and discards in-flight fetches, so
+//! every resume costs a fetch round trip. With a broker whose fetches are slow — tansu takes
+//! 20-30 s to fetch from a partition 20,000 records deep — a 1 s pause threshold made a slow
+//! scorer pause and resume once per batch and starve on discarded fetches.)
 //!
 //! **Rebalance**: on revocation the consumer asks the sinks to flush, waits up to
 //! `drain_timeout_ms` for in-flight batches of the revoked partitions, commits what is durable
