@@ -50,6 +50,7 @@ fn options(steps: u64) -> TrainOptions {
         log_every: 1000,
         val_every: 0,
         outlier: None,
+        freeze_scales: 0,
     }
 }
 
@@ -337,4 +338,60 @@ fn undecodable_rows_are_skipped_counted_and_named() {
         .unwrap()
         .to_string();
     assert!(err.contains("expected binary"), "{err}");
+}
+
+/// `freeze_scales`: a fine-tune that keeps scale 0 at the parent's values gives exactly the
+/// parent's scale-0 log-likelihoods (so that scale cancels in the ratio), while the other scale
+/// trains; freezing every scale, or freezing in a run from scratch, is refused.
+#[test]
+fn frozen_scales_keep_the_parent_s_per_scale_log_likelihood() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), "fashion_mnist_train.parquet", 256);
+    let val = data.read_head(64, &mut SkippedRows::default()).unwrap();
+    let parent = fresh_model(&data);
+    let file = dir.path().join("parent.safetensors");
+    parent.save(&file).unwrap();
+    let child = GlowModel::load(&file, &Device::Cpu).unwrap();
+    let stop = AtomicBool::new(false);
+    let run = |freeze: usize, init_actnorm: bool| {
+        Trainer {
+            model: &child,
+            data: &data,
+            val: &val,
+            outlier: None,
+            options: TrainOptions {
+                freeze_scales: freeze,
+                init_actnorm,
+                ..options(6)
+            },
+            checkpoint_dir: None,
+            job: serde_json::Value::Null,
+        }
+        .run(None, &stop, &Progress::Quiet)
+    };
+    for (freeze, init) in [(2, false), (1, true)] {
+        let e = run(freeze, init).err().unwrap().to_string();
+        assert!(e.contains("freeze_scales"), "{e}");
+    }
+    assert_eq!(run(1, false).unwrap().steps, 6);
+
+    let x = pixels_to_tensor(&val.pixels, &tiny(), BIN_CENTRE, &Device::Cpu).unwrap();
+    let lp = |m: &GlowModel| {
+        m.scorer(&Device::Cpu, DType::F32)
+            .unwrap()
+            .forward(&x)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap()
+    };
+    let (before, after) = (lp(&parent), lp(&child));
+    let moved = |k: usize| {
+        before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| (b[k] - a[k]).abs())
+            .fold(0f64, f64::max)
+    };
+    assert_eq!(moved(0), 0.0, "scale 0 changed");
+    assert!(moved(1) > 1e-3, "scale 1 did not train: {}", moved(1));
 }

@@ -59,6 +59,12 @@ pub struct TrainArgs {
     /// Outlier-loss temperature T (nats).
     #[arg(long, default_value_t = OutlierLoss::grey_default().temperature)]
     pub outlier_temperature: f64,
+    /// Fine-tuning: keep the first N scales at the parent's values, so that with a general
+    /// parent those scales cancel in the likelihood ratio (0: train every scale, the method's
+    /// default).
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub freeze_scales: usize,
     /// Epochs.
     #[arg(long, default_value_t = 1)]
     pub epochs: u64,
@@ -240,6 +246,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         val_every: a.val_every,
         log_every: a.log_every,
         outlier: general.as_ref().map(|_| outlier_loss),
+        freeze_scales: a.freeze_scales,
         ..Default::default()
     };
     let stop = Arc::new(AtomicBool::new(false));

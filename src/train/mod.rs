@@ -45,6 +45,9 @@ pub enum TrainError {
     /// The data yields nothing to train on.
     #[error("no data: {0}")]
     NoData(String),
+    /// Contradictory training options.
+    #[error("training options: {0}")]
+    Config(String),
 }
 
 /// Result alias of training.

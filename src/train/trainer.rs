@@ -84,6 +84,13 @@ pub struct TrainOptions {
     pub val_every: u64,
     /// The outlier loss, when fine-tuning with it.
     pub outlier: Option<OutlierLoss>,
+    /// Fine-tuning only: keep the first this many scales (their flow steps and exit ActNorm)
+    /// at the parent's values. With the parent the general model, the frozen scales give both
+    /// models identical per-scale log-likelihoods there, so those scales drop out of the
+    /// likelihood ratio, which then compares only the coarser scales. 0 (the default): train
+    /// everything, as method.md describes.
+    #[serde(default)]
+    pub freeze_scales: usize,
 }
 
 impl Default for TrainOptions {
@@ -106,6 +113,7 @@ impl Default for TrainOptions {
             log_every: 10,
             val_every: 0,
             outlier: None,
+            freeze_scales: 0,
         }
     }
 }
@@ -243,10 +251,19 @@ impl Trainer<'_> {
         let dev = self.model.device().clone();
         let dims = cfg.dims() as f64;
         let to_bpd = 1.0 / (dims * std::f64::consts::LN_2);
+        if o.freeze_scales > 0 && (o.init_actnorm || o.freeze_scales >= cfg.scales) {
+            return Err(TrainError::Config(format!(
+                "freeze_scales = {} needs a fine-tune (no ActNorm initialisation) of a model with more \
+                 scales ({} here)",
+                o.freeze_scales, cfg.scales
+            )));
+        }
+        let frozen: Vec<String> = (0..o.freeze_scales).map(|i| format!("scale{i}.")).collect();
         let vars: Vec<_> = self
             .model
             .trainable_vars()
             .into_iter()
+            .filter(|(name, _)| !frozen.iter().any(|f| name.starts_with(f)))
             .map(|(_, v)| v)
             .collect();
         let mut opt = Adamax::new(vars, o.optimizer.clone())?;
