@@ -364,7 +364,7 @@ fn frozen_scales_keep_the_parent_s_per_scale_log_likelihood() {
                 init_actnorm,
                 ..options(6)
             },
-            checkpoint_dir: None,
+            checkpoint_dir: Some(dir.path().join("ck")),
             job: serde_json::Value::Null,
         }
         .run(None, &stop, &Progress::Quiet)
@@ -374,6 +374,13 @@ fn frozen_scales_keep_the_parent_s_per_scale_log_likelihood() {
         assert!(e.contains("freeze_scales"), "{e}");
     }
     assert_eq!(run(1, false).unwrap().steps, 6);
+    // Regression: the checkpoint indexed the optimizer's state by every trainable variable
+    // and panicked when scales were frozen. Its state covers the optimised variables only.
+    let ck = checkpoint::load(&dir.path().join("ck"), &Device::Cpu).unwrap();
+    assert_eq!(ck.resume.state.step, 6);
+    let optimised = checkpoint::optimised_vars(&child, 1).len();
+    assert_eq!(ck.resume.m.len(), optimised);
+    assert!(optimised < child.trainable_vars().len());
 
     let x = pixels_to_tensor(&val.pixels, &tiny(), BIN_CENTRE, &Device::Cpu).unwrap();
     let lp = |m: &GlowModel| {

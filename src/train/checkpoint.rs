@@ -82,16 +82,36 @@ pub fn state_path(dir: &Path) -> PathBuf {
     dir.join("checkpoint.state.safetensors")
 }
 
-/// Writes a checkpoint of `model`, `opt` and `state` into `dir`.
+/// The variables a run with the first `freeze_scales` scales frozen optimises, sorted by name:
+/// the order of the optimizer's state, in the trainer and in checkpoints alike.
+pub fn optimised_vars(model: &GlowModel, freeze_scales: usize) -> Vec<(String, candle_core::Var)> {
+    let frozen: Vec<String> = (0..freeze_scales).map(|i| format!("scale{i}.")).collect();
+    model
+        .trainable_vars()
+        .into_iter()
+        .filter(|(name, _)| !frozen.iter().any(|f| name.starts_with(f)))
+        .collect()
+}
+
+/// Writes a checkpoint of `model`, `opt` (which optimises the variables of
+/// [`optimised_vars`] with `freeze_scales`) and `state` into `dir`.
 pub fn save(
     dir: &Path,
     model: &GlowModel,
     opt: &Adamax,
+    freeze_scales: usize,
     state: &TrainState,
     job: &serde_json::Value,
 ) -> TrainResult<PathBuf> {
-    let vars = model.trainable_vars();
+    let vars = optimised_vars(model, freeze_scales);
     let (m, u) = opt.state();
+    if m.len() != vars.len() {
+        return Err(TrainError::Checkpoint(format!(
+            "the optimizer holds state for {} variables, the model has {} to optimise",
+            m.len(),
+            vars.len()
+        )));
+    }
     let mut tensors = Vec::with_capacity(2 * vars.len());
     for (i, (name, _)) in vars.iter().enumerate() {
         tensors.push((format!("m.{name}"), m[i].to_device(&Device::Cpu)?));
@@ -103,6 +123,7 @@ pub fn save(
     meta.insert("model_id".into(), model_id);
     meta.insert("opt_steps".into(), opt.steps().to_string());
     meta.insert("opt_skipped".into(), opt.skipped().to_string());
+    meta.insert("freeze_scales".into(), freeze_scales.to_string());
     meta.insert("state".into(), serde_json::to_string(state).expect("state"));
     meta.insert("job".into(), job.to_string());
     let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
@@ -150,8 +171,15 @@ pub fn load(dir: &Path, device: &Device) -> TrainResult<Checkpoint> {
     let state: TrainState =
         serde_json::from_str(&get("state")?).map_err(|e| err(&sp, e.to_string()))?;
     let job = serde_json::from_str(&get("job")?).map_err(|e| err(&sp, e.to_string()))?;
+    // Checkpoints from before frozen scales existed have no key: nothing was frozen.
+    let freeze_scales = match meta.get("freeze_scales") {
+        Some(v) => v
+            .parse()
+            .map_err(|e| err(&sp, format!("`freeze_scales`: {e}")))?,
+        None => 0,
+    };
     let (mut m, mut u) = (Vec::new(), Vec::new());
-    for (name, _) in model.trainable_vars() {
+    for (name, _) in optimised_vars(&model, freeze_scales) {
         for (prefix, out) in [("m", &mut m), ("u", &mut u)] {
             let key = format!("{prefix}.{name}");
             let view = st

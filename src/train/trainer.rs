@@ -258,12 +258,8 @@ impl Trainer<'_> {
                 o.freeze_scales, cfg.scales
             )));
         }
-        let frozen: Vec<String> = (0..o.freeze_scales).map(|i| format!("scale{i}.")).collect();
-        let vars: Vec<_> = self
-            .model
-            .trainable_vars()
+        let vars: Vec<_> = checkpoint::optimised_vars(self.model, o.freeze_scales)
             .into_iter()
-            .filter(|(name, _)| !frozen.iter().any(|f| name.starts_with(f)))
             .map(|(_, v)| v)
             .collect();
         let mut opt = Adamax::new(vars, o.optimizer.clone())?;
@@ -338,7 +334,7 @@ impl Trainer<'_> {
         let checkpoint = |state: &mut TrainState, opt: &Adamax| -> TrainResult<()> {
             state.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
             if let Some(dir) = &self.checkpoint_dir {
-                let p = checkpoint::save(dir, self.model, opt, state, &self.job)?;
+                let p = checkpoint::save(dir, self.model, opt, o.freeze_scales, state, &self.job)?;
                 progress.report(&TrainEvent::Checkpoint {
                     step: state.step,
                     path: p.display().to_string(),
