@@ -205,6 +205,11 @@ impl Glow {
             total_logdet: zeros.clone(),
             total_prior: zeros.clone(),
         };
+        // The initialisation pass needs no gradients, but the ActNorm parameters are
+        // variables, so every intermediate would stay referenced by the graph until the pass
+        // ends: 21 GiB for 512 images at K = 16, width 256. Cutting the graph after each step
+        // keeps only the live activations. The ordinary pass keeps its graph for training.
+        let cut = |t: Tensor| if init.is_some() { t.detach() } else { t };
         let mut h = x.clone();
         for scale in &self.scales {
             h = squeeze(&h)?;
@@ -221,29 +226,17 @@ impl Glow {
                 out.total_logdet = out.total_logdet.broadcast_add(&a)?;
                 out.total_logdet = out.total_logdet.broadcast_add(&w)?;
                 out.total_logdet = (&out.total_logdet + &c)?;
-                if init.is_some() {
-                    // The initialisation pass needs no gradients, but the ActNorm parameters
-                    // are variables, so every intermediate would stay referenced by the
-                    // graph until the pass ends: 21 GiB for 512 images at K = 16, width 256.
-                    // Cutting the graph after each step keeps only the live activations.
-                    h = h.detach();
-                    f = f.detach();
-                    out.total_logdet = out.total_logdet.detach();
-                }
+                h = cut(h);
+                f = cut(f);
+                out.total_logdet = cut(out.total_logdet);
             }
             let z = h.narrow(1, 0, scale.shape.exit_channels)?;
             if scale.shape.exit_channels < scale.shape.channels {
                 h = h.narrow(1, scale.shape.exit_channels, scale.shape.channels / 2)?;
             }
-            let mut y = scale.exit.forward(&z, init)?;
-            if init.is_some() {
-                y = y.detach();
-            }
+            let y = cut(scale.exit.forward(&z, init)?);
             let a = scale.exit.logdet()?;
-            out.total_logdet = out.total_logdet.broadcast_add(&a)?;
-            if init.is_some() {
-                out.total_logdet = out.total_logdet.detach();
-            }
+            out.total_logdet = cut(out.total_logdet.broadcast_add(&a)?);
             out.exit_logdet.push(zeros.broadcast_add(&a)?);
             out.prior.push(standard_normal_log_density(&y)?);
             out.flow_logdet.push(f);
