@@ -402,3 +402,83 @@ fn frozen_scales_keep_the_parent_s_per_scale_log_likelihood() {
     assert_eq!(moved(0), 0.0, "scale 0 changed");
     assert!(moved(1) > 1e-3, "scale 1 did not train: {}", moved(1));
 }
+
+/// Regression: a finished `glowwatch train` left no checkpoint, so `--resume` could not extend
+/// it, and `--epochs` was not taken from the command line on resume.
+#[test]
+fn a_finished_run_is_extended_by_resume_with_more_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = common::subset(
+        &common::shared("fashion_mnist_train.parquet"),
+        160,
+        64,
+        &d.join("train.parquet"),
+    );
+    let val = common::subset(
+        &common::shared("fashion_mnist_test.parquet"),
+        32,
+        32,
+        &d.join("val.parquet"),
+    );
+    std::fs::write(
+        d.join("tiny.toml"),
+        "in_channels = 1\nimage_size = 32\nscales = 2\nsteps = 1\nhidden = 8\n",
+    )
+    .unwrap();
+    let out = d.join("m.safetensors");
+    let train = |extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_glowwatch"))
+            .arg("train")
+            .args(extra)
+            .args(["--device", "cpu"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (data, val, cfg, out_s) = (
+        data.to_str().unwrap(),
+        val.to_str().unwrap(),
+        d.join("tiny.toml"),
+        out.to_str().unwrap().to_string(),
+    );
+    train(&[
+        "--data",
+        data,
+        "--val",
+        val,
+        "--config",
+        cfg.to_str().unwrap(),
+        "--batch",
+        "32",
+        "--out",
+        &out_s,
+    ]);
+    // 160 rows / 32 = 5 steps in the default single epoch; the finished run left a checkpoint.
+    let ck = d.join("m.ckpt");
+    let first = checkpoint::load(&ck, &Device::Cpu).unwrap();
+    assert_eq!((first.resume.state.step, first.resume.state.epoch), (5, 1));
+    assert_eq!(
+        GlowModel::load(&out, &Device::Cpu)
+            .unwrap()
+            .card
+            .train_steps,
+        5
+    );
+
+    train(&["--resume", ck.to_str().unwrap(), "--epochs", "3"]);
+    let ext = checkpoint::load(&ck, &Device::Cpu).unwrap();
+    assert_eq!((ext.resume.state.step, ext.resume.state.epoch), (15, 3));
+    assert_eq!(
+        ext.resume.state.history.len(),
+        3,
+        "one validation per epoch"
+    );
+    let m = GlowModel::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(m.card.train_steps, 15);
+    assert_ne!(
+        params(&m),
+        params(&first.model),
+        "the extension trained the model"
+    );
+}

@@ -65,9 +65,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
     pub freeze_scales: usize,
-    /// Epochs.
-    #[arg(long, default_value_t = 1)]
-    pub epochs: u64,
+    /// Epochs [default: 1]. With --resume, raises the stored count to extend a run.
+    #[arg(long)]
+    pub epochs: Option<u64>,
     /// Stop after this many steps.
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -110,7 +110,7 @@ pub struct TrainArgs {
     #[serde(default = "default_log_every")]
     pub log_every: u64,
     /// Resume from a checkpoint directory (continues exactly; other flags come from it, except
-    /// --max-time and --max-steps).
+    /// --max-time, --max-steps and --epochs).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Where the images are.
@@ -138,6 +138,8 @@ fn default_log_every() -> u64 {
 
 /// Runs `glowwatch train`.
 pub fn run(mut a: TrainArgs) -> Result<()> {
+    // --max-time counts from here: opening data and decoding the validation set are part of it.
+    let launched = std::time::Instant::now();
     let device = a.device.open().map_err(anyhow::Error::msg)?;
     let resume = match &a.resume {
         Some(dir) => {
@@ -147,6 +149,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
                 serde_json::from_value(ck.job.clone()).context("checkpoint job description")?;
             stored.max_time = a.max_time;
             stored.max_steps = a.max_steps.or(stored.max_steps);
+            stored.epochs = a.epochs.or(stored.epochs);
             stored.resume = a.resume.clone();
             stored.device = a.device;
             a = stored;
@@ -226,9 +229,11 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         temperature: a.outlier_temperature,
     };
     let options = TrainOptions {
-        epochs: a.epochs,
+        epochs: a.epochs.unwrap_or(1),
         max_steps: a.max_steps,
-        max_time_s: a.max_time.map(|d| d.as_secs_f64()),
+        max_time_s: a
+            .max_time
+            .map(|d| (d.as_secs_f64() - launched.elapsed().as_secs_f64()).max(0.0)),
         batch: a.batch,
         seed: a.seed,
         optimizer: AdamaxConfig {

@@ -239,7 +239,7 @@ impl Trainer<'_> {
     }
 
     /// Runs (or, given a checkpoint, resumes) training until the epochs are done, a limit is
-    /// hit or `stop` is set (Ctrl-C); writes a checkpoint whenever it stops early.
+    /// hit or `stop` is set (Ctrl-C); writes a checkpoint at every stop, finished or not.
     pub fn run(
         &self,
         resume: Option<ResumeState>,
@@ -465,12 +465,13 @@ impl Trainer<'_> {
                 o.batch
             )));
         }
-        if ended != "finished" {
-            if last_val.is_none() || state.history.last().is_some_and(|v| v.step != state.step) {
-                validate(&mut state, &mut last_val)?;
-            }
-            checkpoint(&mut state, &opt)?;
+        if ended != "finished"
+            && (last_val.is_none() || state.history.last().is_some_and(|v| v.step != state.step))
+        {
+            validate(&mut state, &mut last_val)?;
         }
+        // Also after a finished run: `--resume --epochs N` extends it.
+        checkpoint(&mut state, &opt)?;
         state.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
         progress.report(&TrainEvent::Done {
             step: state.step,
