@@ -135,8 +135,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let rep = EvalReport::compute(
         scorer.in_model_id(),
         scorer.general_model_id(),
-        scorer.config().dims(),
-        scorer.scales(),
+        scorer.config(),
         &in_set,
         &oods,
     );

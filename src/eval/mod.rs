@@ -10,6 +10,7 @@ pub mod report;
 use serde::Serialize;
 
 use crate::glow::bits_per_dim;
+use crate::glow::config::GlowConfig;
 use crate::pipeline::score::{ImageScores, ScoreKind};
 pub use metrics::{DetectionMetrics, detection_metrics, roc_curve};
 
@@ -37,6 +38,31 @@ impl ScoredSet {
             .filter(|v| v.is_finite())
             .collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
+    }
+
+    /// Mean bits per dimension of each scale's exit, `8 - lp_k / (D_k ln 2)` (finite values
+    /// only), under the in-distribution model or, with `general`, the general model (empty
+    /// when there is none). The total is their mix: `bpd = sum_k D_k / D * bpd_k`.
+    pub fn mean_scale_bpd(&self, cfg: &GlowConfig, general: bool) -> Vec<f64> {
+        let shape = cfg.shape();
+        let mut out = Vec::new();
+        for (k, sc) in shape.scales.iter().enumerate() {
+            let v: Vec<f64> = self
+                .scores
+                .iter()
+                .filter_map(|s| match general {
+                    false => s.lp_in.get(k).copied(),
+                    true => s.lp_gen.as_ref().and_then(|g| g.get(k).copied()),
+                })
+                .map(|lp| bits_per_dim(lp, sc.exit_dims()))
+                .filter(|v| v.is_finite())
+                .collect();
+            if v.is_empty() {
+                return Vec::new();
+            }
+            out.push(v.iter().sum::<f64>() / v.len() as f64);
+        }
+        out
     }
 }
 
@@ -67,6 +93,11 @@ pub struct EvalReport {
     pub mean_bpd: Vec<(String, f64)>,
     /// Mean bits/dim under the general model, per set, if any.
     pub mean_bpd_general: Vec<(String, f64)>,
+    /// Mean bits/dim of each scale's exit under the in-distribution model, per set
+    /// ([`ScoredSet::mean_scale_bpd`]): which scale the sets differ at.
+    pub scale_bpd: Vec<(String, Vec<f64>)>,
+    /// The same under the general model, if any: where the ratio's terms come from.
+    pub scale_bpd_general: Vec<(String, Vec<f64>)>,
     /// One row per (score, OOD set).
     pub results: Vec<ScoreResult>,
 }
@@ -76,12 +107,12 @@ impl EvalReport {
     pub fn compute(
         in_model: &str,
         general_model: Option<&str>,
-        dims: usize,
-        scales: usize,
+        cfg: &GlowConfig,
         in_set: &ScoredSet,
         oods: &[ScoredSet],
     ) -> Self {
-        let kinds = ScoreKind::all(scales, general_model.is_some());
+        let dims = cfg.dims();
+        let kinds = ScoreKind::all(cfg.scales, general_model.is_some());
         let mut results = Vec::new();
         for &k in &kinds {
             let neg = in_set.values(k);
@@ -117,7 +148,17 @@ impl EvalReport {
                 .map(|s| (s.name.clone(), s.mean_bpd(dims)))
                 .collect(),
             mean_bpd_general: if general_model.is_some() {
-                sets.map(|s| (s.name.clone(), gen_bpd(s))).collect()
+                sets.clone().map(|s| (s.name.clone(), gen_bpd(s))).collect()
+            } else {
+                Vec::new()
+            },
+            scale_bpd: sets
+                .clone()
+                .map(|s| (s.name.clone(), s.mean_scale_bpd(cfg, false)))
+                .collect(),
+            scale_bpd_general: if general_model.is_some() {
+                sets.map(|s| (s.name.clone(), s.mean_scale_bpd(cfg, true)))
+                    .collect()
             } else {
                 Vec::new()
             },
@@ -176,7 +217,69 @@ impl EvalReport {
                 let _ = write!(s, " {n} {b:.3};");
             }
         }
+        let by_scale = |s: &mut String, what: &str, rows: &[(String, Vec<f64>)]| {
+            let _ = write!(s, "\nbpd of each scale's exit, first to last ({what}):");
+            for (n, v) in rows {
+                let v: Vec<String> = v.iter().map(|b| format!("{b:.3}")).collect();
+                let _ = write!(s, " {n} {};", v.join(" / "));
+            }
+        };
+        by_scale(&mut s, "in-distribution model", &self.scale_bpd);
+        if !self.scale_bpd_general.is_empty() {
+            by_scale(&mut s, "general model", &self.scale_bpd_general);
+        }
         s.push('\n');
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_bpd_mixes_back_to_the_total_bpd() {
+        let cfg = GlowConfig {
+            scales: 3,
+            ..GlowConfig::small(1)
+        };
+        let set = ScoredSet {
+            name: "a".into(),
+            scores: vec![
+                ImageScores {
+                    lp_in: vec![900.0, 300.0, -50.0],
+                    lp_gen: Some(vec![700.0, 250.0, 10.0]),
+                },
+                ImageScores {
+                    lp_in: vec![500.0, 100.0, 20.0],
+                    lp_gen: Some(vec![400.0, 120.0, 30.0]),
+                },
+            ],
+        };
+        let shape = cfg.shape();
+        let d: Vec<usize> = shape.scales.iter().map(|s| s.exit_dims()).collect();
+        assert_eq!(d, vec![512, 256, 256]);
+        let per = set.mean_scale_bpd(&cfg, false);
+        // Scale 0: mean lp 700 nats over 512 dims.
+        let want0 = 8.0 - 700.0 / (512.0 * std::f64::consts::LN_2);
+        assert!((per[0] - want0).abs() < 1e-12, "{} vs {want0}", per[0]);
+        let mixed: f64 = per
+            .iter()
+            .zip(&d)
+            .map(|(b, &dk)| b * dk as f64)
+            .sum::<f64>()
+            / 1024.0;
+        assert!((mixed - set.mean_bpd(1024)).abs() < 1e-12);
+        let gen_ = set.mean_scale_bpd(&cfg, true);
+        assert!((gen_[2] - (8.0 - 20.0 / (256.0 * std::f64::consts::LN_2))).abs() < 1e-12);
+        // A set without a general model has no general breakdown.
+        let none = ScoredSet {
+            name: "b".into(),
+            scores: vec![ImageScores {
+                lp_in: vec![1.0, 2.0, 3.0],
+                lp_gen: None,
+            }],
+        };
+        assert!(none.mean_scale_bpd(&cfg, true).is_empty());
     }
 }
