@@ -404,7 +404,8 @@ fn frozen_scales_keep_the_parent_s_per_scale_log_likelihood() {
 }
 
 /// Regression: a finished `glowwatch train` left no checkpoint, so `--resume` could not extend
-/// it, and `--epochs` was not taken from the command line on resume.
+/// it, and `--epochs` was not taken from the command line on resume; a run stopped by
+/// `--max-time` wrote no model file.
 #[test]
 fn a_finished_run_is_extended_by_resume_with_more_epochs() {
     let dir = tempfile::tempdir().unwrap();
@@ -481,4 +482,18 @@ fn a_finished_run_is_extended_by_resume_with_more_epochs() {
         params(&first.model),
         "the extension trained the model"
     );
+
+    // A run that --max-time stops is a planned end: the model file is written, not only the
+    // checkpoint (a zero budget stops before the first step).
+    std::fs::remove_file(&out).unwrap();
+    train(&[
+        "--resume",
+        ck.to_str().unwrap(),
+        "--epochs",
+        "4",
+        "--max-time",
+        "0s",
+    ]);
+    let m = GlowModel::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(m.card.train_steps, 15);
 }

@@ -71,7 +71,8 @@ pub struct TrainArgs {
     /// Stop after this many steps.
     #[arg(long)]
     pub max_steps: Option<u64>,
-    /// Stop this run after this long (e.g. 45m); a checkpoint is written.
+    /// Stop this run after this long (e.g. 45m, counted from launch); the model and a checkpoint are
+    /// written.
     #[arg(long)]
     #[serde(skip)]
     pub max_time: Option<humantime::Duration>,
@@ -296,7 +297,9 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         "options": &options,
         "val_rows": val.len(),
     });
-    if report.ended == "finished" || report.ended == "max_steps" {
+    // A budget (--max-steps, --max-time) ends a run as planned: the model is written. Only an
+    // interrupted run leaves just its checkpoint.
+    if report.ended != "interrupted" {
         model.card = crate::glow::ModelCard {
             name: a.name.clone().unwrap_or_else(|| {
                 out.file_stem()
