@@ -31,13 +31,7 @@ impl ScoredSet {
 
     /// Mean bits/dim under the in-distribution model (finite values only).
     pub fn mean_bpd(&self, dims: usize) -> f64 {
-        let v: Vec<f64> = self
-            .scores
-            .iter()
-            .map(|s| bits_per_dim(s.log_p_in(), dims))
-            .filter(|v| v.is_finite())
-            .collect();
-        v.iter().sum::<f64>() / v.len().max(1) as f64
+        finite_mean(self.scores.iter().map(|s| bits_per_dim(s.log_p_in(), dims))).unwrap_or(0.0)
     }
 
     /// Mean bits per dimension of each scale's exit, `8 - lp_k / (D_k ln 2)` (finite values
@@ -47,23 +41,29 @@ impl ScoredSet {
         let shape = cfg.shape();
         let mut out = Vec::new();
         for (k, sc) in shape.scales.iter().enumerate() {
-            let v: Vec<f64> = self
+            let bpd = self
                 .scores
                 .iter()
                 .filter_map(|s| match general {
                     false => s.lp_in.get(k).copied(),
                     true => s.lp_gen.as_ref().and_then(|g| g.get(k).copied()),
                 })
-                .map(|lp| bits_per_dim(lp, sc.exit_dims()))
-                .filter(|v| v.is_finite())
-                .collect();
-            if v.is_empty() {
-                return Vec::new();
+                .map(|lp| bits_per_dim(lp, sc.exit_dims()));
+            match finite_mean(bpd) {
+                Some(m) => out.push(m),
+                None => return Vec::new(),
             }
-            out.push(v.iter().sum::<f64>() / v.len() as f64);
         }
         out
     }
+}
+
+/// Mean of the finite values, `None` when there are none.
+fn finite_mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values
+        .filter(|v| v.is_finite())
+        .fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
 }
 
 /// Metrics of one score against one OOD set.
@@ -126,14 +126,13 @@ impl EvalReport {
         }
         let sets = std::iter::once(in_set).chain(oods.iter());
         let gen_bpd = |s: &ScoredSet| {
-            let v: Vec<f64> = s
-                .scores
-                .iter()
-                .filter_map(|x| x.log_p_gen())
-                .map(|lp| bits_per_dim(lp, dims))
-                .filter(|v| v.is_finite())
-                .collect();
-            v.iter().sum::<f64>() / v.len().max(1) as f64
+            finite_mean(
+                s.scores
+                    .iter()
+                    .filter_map(|x| x.log_p_gen())
+                    .map(|lp| bits_per_dim(lp, dims)),
+            )
+            .unwrap_or(0.0)
         };
         Self {
             in_model: in_model.into(),
