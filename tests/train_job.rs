@@ -435,7 +435,9 @@ fn a_finished_run_is_extended_by_resume_with_more_epochs() {
             .args(["--device", "cpu"])
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{stderr}");
+        stderr
     };
     let (data, val, cfg, out_s) = (
         data.to_str().unwrap(),
@@ -467,8 +469,22 @@ fn a_finished_run_is_extended_by_resume_with_more_epochs() {
         5
     );
 
-    train(&["--resume", ck.to_str().unwrap(), "--epochs", "3"]);
+    let log = train(&["--resume", ck.to_str().unwrap(), "--epochs", "3"]);
     let ext = checkpoint::load(&ck, &Device::Cpu).unwrap();
+    // Not a terminal: JSON lines, each with its wall-clock time; step reports count the run's
+    // whole training time, the first process's included.
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(events.iter().all(|e| e["time"].as_str().is_some()), "{log}");
+    let steps: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "step").collect();
+    assert!(!steps.is_empty(), "{log}");
+    for s in steps {
+        let elapsed = s["elapsed_s"].as_f64().unwrap();
+        assert!(elapsed > first.resume.state.elapsed_s, "{s}");
+        assert!(elapsed <= ext.resume.state.elapsed_s, "{s}");
+    }
     assert_eq!((ext.resume.state.step, ext.resume.state.epoch), (15, 3));
     assert_eq!(
         ext.resume.state.history.len(),

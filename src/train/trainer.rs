@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::{self, ResumeState, TrainState, ValPoint};
 use super::data::{Augment, ImageDataset, PixelBatch, SkippedRows};
 use super::optimizer::{Adamax, AdamaxConfig, StepOutcome};
-use super::progress::{Progress, TrainEvent};
+use super::progress::{Progress, RateWindow, TrainEvent};
 use super::{TrainError, TrainResult};
 use crate::glow::config::GlowConfig;
 use crate::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
@@ -294,7 +294,7 @@ impl Trainer<'_> {
         let base_elapsed = state.elapsed_s;
         let deadline = o.max_time_s.map(|s| started + Duration::from_secs_f64(s));
         let mut recent: Vec<(f64, Option<f64>)> = Vec::new();
-        let mut window = (Instant::now(), 0u64);
+        let mut window = RateWindow::starting_at(state.step);
         let mut skipped_rows: Option<SkippedRows> = None;
         let mut ended = "finished".to_string();
         let mut last_val = state.history.last().map(|v| v.val_bpd);
@@ -426,10 +426,14 @@ impl Trainer<'_> {
                     let out =
                         outlier_term.map(|_| recent.iter().filter_map(|r| r.1).sum::<f64>() / k);
                     recent.clear();
-                    let dt = window.0.elapsed().as_secs_f64();
-                    let ips = (state.step - window.1) as f64 * o.batch as f64 / dt.max(1e-9);
-                    window = (Instant::now(), state.step);
+                    let now = Instant::now();
+                    let ips;
+                    (ips, window) = window.close(state.step, o.batch, now);
                     let rem = total_steps.saturating_sub(state.step) as f64;
+                    let mut eta_s = rem * o.batch as f64 / ips.max(1e-9);
+                    if let Some(d) = deadline {
+                        eta_s = eta_s.min(d.saturating_duration_since(now).as_secs_f64());
+                    }
                     progress.report(&TrainEvent::Step {
                         epoch: state.epoch,
                         step: state.step,
@@ -437,7 +441,8 @@ impl Trainer<'_> {
                         bpd,
                         outlier: out,
                         images_per_s: ips,
-                        eta_s: rem * o.batch as f64 / ips.max(1e-9),
+                        eta_s,
+                        elapsed_s: base_elapsed + started.elapsed().as_secs_f64(),
                         skipped_steps: opt.skipped(),
                     });
                 }
