@@ -746,3 +746,67 @@ fn output_reads_the_same_in_pyarrow_and_duckdb() {
     assert_eq!(dk["dates"], 1);
     assert_eq!(dk["dead_rows"], 2);
 }
+
+/// Every pipeline config we ship parses, names model files that load (ids checked against their
+/// content), and, where it flags by a calibration file, that file was made for exactly these
+/// models and holds a threshold for the flagged score. (Found missing when the K = 8 demo
+/// pipeline was added: nothing checked the shipped configs until someone ran them.)
+#[test]
+fn shipped_pipeline_configs_fit_the_shipped_models() {
+    use glowwatch::eval::calibration::Calibration;
+    use glowwatch::glow::GlowModel;
+    let dev = candle_core::Device::Cpu;
+    let mut checked = Vec::new();
+    for e in std::fs::read_dir(repo("pipelines")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        // retrain-*.toml are retraining jobs, not pipelines (tests/registry.rs runs one).
+        if !name.ends_with(".toml") || name.starts_with("retrain") {
+            continue;
+        }
+        let cfg = PipelineConfig::load(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let in_model = GlowModel::load(&cfg.models.in_model, &dev)
+            .unwrap_or_else(|e| panic!("{name}: {:?}: {e}", cfg.models.in_model));
+        let general = cfg
+            .models
+            .general
+            .as_ref()
+            .map(|g| GlowModel::load(g, &dev).unwrap_or_else(|e| panic!("{name}: {g:?}: {e}")));
+        if let Some(g) = &general {
+            let input = |m: &GlowModel| {
+                let c = m.config();
+                (c.in_channels, c.image_size, c.preprocess.clone())
+            };
+            assert_eq!(
+                input(g),
+                input(&in_model),
+                "{name}: both models must see the same pixels"
+            );
+        }
+        if let Some(c) = &cfg.flag.calibration {
+            let cal = Calibration::load(c).unwrap_or_else(|e| panic!("{name}: {c:?}: {e}"));
+            assert_eq!(cal.in_model, in_model.model_id().unwrap(), "{name}");
+            assert_eq!(
+                cal.general_model,
+                general.as_ref().map(|g| g.model_id().unwrap()),
+                "{name}"
+            );
+            assert!(
+                cal.thresholds.contains_key(&cfg.flag.score),
+                "{name}: no threshold for {}",
+                cfg.flag.score
+            );
+        }
+        checked.push(name);
+    }
+    checked.sort();
+    assert_eq!(
+        checked,
+        [
+            "demo-k8w128.toml",
+            "demo.toml",
+            "kafka-fashion.toml",
+            "parquet-batch.toml"
+        ]
+    );
+}
