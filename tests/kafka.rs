@@ -588,8 +588,8 @@ fn two_instances_in_one_group_share_the_partitions() {
     broker.create_topic("images", 4);
     broker.create_topic("scored", 2);
     broker.create_topic("dead", 1);
-    // The shipped model: slow enough in a test build that the second instance joins while the
-    // first is mid-stream, so the first has to give partitions up with work in flight.
+    // The second instance joins while the first is mid-stream, so the first has to give
+    // partitions up with work in flight.
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist.safetensors");
     let rows = images("fashion_mnist_test.parquet", 2_000);
     let cfg = |n: u32| {
@@ -609,8 +609,18 @@ fn two_instances_in_one_group_share_the_partitions() {
     let (a, b) = (cfg(1), cfg(2));
     let (stop_a, stop_b) = (AtomicBool::new(false), AtomicBool::new(false));
     let mut reader = TopicReader::new(&broker, "scored");
-    broker.produce("images", &png_messages(&rows));
+    let msgs = png_messages(&rows);
     let (sa, sb, b_joined_at) = std::thread::scope(|s| {
+        // The records arrive over ~20 s, as from a live feed, so both instances are alive for
+        // most of the stream and the rebalance happens with work in flight however fast the
+        // scorer is. (Produced all at once, the first instance sometimes scored all 2,000 before
+        // the group had rebalanced: "one instance did all the work: 2000 / 0".)
+        s.spawn(|| {
+            for chunk in msgs.chunks(100) {
+                broker.produce("images", chunk);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
         let ha = s.spawn(|| run_stream(&a, &stop_a));
         let t0 = Instant::now();
         while !reader.poll_until(300, Duration::from_millis(100)) {
