@@ -15,10 +15,12 @@ use glowwatch::glow::GlowModel;
 use glowwatch::pipeline::score::{ModelScorer, ScoreKind};
 use glowwatch::train::data::{ImageDataset, SkippedRows};
 
+fn models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+}
+
 fn model(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join(name)
+    models_dir().join(name)
 }
 
 fn scores(
@@ -34,9 +36,8 @@ fn scores(
 #[test]
 fn shipped_models_show_the_phenomenon_and_its_fixes() {
     let dev = Device::Cpu;
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     let mut files = 0;
-    for e in std::fs::read_dir(&dir).unwrap() {
+    for e in std::fs::read_dir(models_dir()).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "safetensors") {
             let size = std::fs::metadata(&p).unwrap().len();

@@ -480,11 +480,18 @@ fn a_finished_run_is_extended_by_resume_with_more_epochs() {
     assert!(events.iter().all(|e| e["time"].as_str().is_some()), "{log}");
     let steps: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "step").collect();
     assert!(!steps.is_empty(), "{log}");
-    for s in steps {
+    for s in &steps {
         let elapsed = s["elapsed_s"].as_f64().unwrap();
         assert!(elapsed > first.resume.state.elapsed_s, "{s}");
         assert!(elapsed <= ext.resume.state.elapsed_s, "{s}");
     }
+    // The first rate after the resume counts only this process's steps (6-10, batch 32) over
+    // this process's time: rate x time ~ 160 images, not the 320 of all ten steps.
+    let s = steps[0];
+    assert_eq!(s["step"], 10);
+    let this_process_s = s["elapsed_s"].as_f64().unwrap() - first.resume.state.elapsed_s;
+    let images = s["images_per_s"].as_f64().unwrap() * this_process_s;
+    assert!((150.0..240.0).contains(&images), "{images} images: {s}");
     assert_eq!((ext.resume.state.step, ext.resume.state.epoch), (15, 3));
     assert_eq!(
         ext.resume.state.history.len(),

@@ -292,6 +292,8 @@ impl Trainer<'_> {
             .min(o.epochs * self.steps_per_epoch());
         let started = Instant::now();
         let base_elapsed = state.elapsed_s;
+        // Training time of the whole run: this process's plus that of the runs it resumes.
+        let run_elapsed = move || base_elapsed + started.elapsed().as_secs_f64();
         let deadline = o.max_time_s.map(|s| started + Duration::from_secs_f64(s));
         let mut recent: Vec<(f64, Option<f64>)> = Vec::new();
         let mut window = RateWindow::starting_at(state.step);
@@ -332,7 +334,7 @@ impl Trainer<'_> {
             Ok(())
         };
         let checkpoint = |state: &mut TrainState, opt: &Adamax| -> TrainResult<()> {
-            state.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
+            state.elapsed_s = run_elapsed();
             if let Some(dir) = &self.checkpoint_dir {
                 let p = checkpoint::save(dir, self.model, opt, o.freeze_scales, state, &self.job)?;
                 progress.report(&TrainEvent::Checkpoint {
@@ -442,7 +444,7 @@ impl Trainer<'_> {
                         outlier: out,
                         images_per_s: ips,
                         eta_s,
-                        elapsed_s: base_elapsed + started.elapsed().as_secs_f64(),
+                        elapsed_s: run_elapsed(),
                         skipped_steps: opt.skipped(),
                     });
                 }
@@ -477,7 +479,7 @@ impl Trainer<'_> {
         }
         // Also after a finished run: `--resume --epochs N` extends it.
         checkpoint(&mut state, &opt)?;
-        state.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
+        state.elapsed_s = run_elapsed();
         progress.report(&TrainEvent::Done {
             step: state.step,
             reason: ended.clone(),
