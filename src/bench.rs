@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 
@@ -12,63 +12,7 @@ use crate::device::device_name;
 use crate::glow::config::GlowConfig;
 use crate::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
 use crate::glow::scorer::StageTimer;
-use crate::glow::{GlowModel, Result};
-
-/// Numeric precision of a benchmark run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// Plain f32 everywhere.
-    F32,
-    /// f32 storage, TF32 tensor-core matmuls (CUDA only).
-    Tf32,
-    /// bf16 coupling networks; flow state and likelihood terms in f32, sums in f64.
-    Bf16,
-    /// bf16 coupling networks and flow state (faster, less exact); likelihood terms in f32.
-    #[serde(rename = "bf16-all")]
-    Bf16All,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "tf32" => Ok(Self::Tf32),
-            "bf16" => Ok(Self::Bf16),
-            "bf16-all" => Ok(Self::Bf16All),
-            _ => Err(format!(
-                "unknown precision `{s}`: use f32, tf32, bf16 or bf16-all"
-            )),
-        }
-    }
-}
-
-impl Precision {
-    /// (coupling-network dtype, flow-state dtype).
-    pub fn dtypes(self) -> (DType, DType) {
-        match self {
-            Self::Bf16 => (DType::BF16, DType::F32),
-            Self::Bf16All => (DType::BF16, DType::BF16),
-            _ => (DType::F32, DType::F32),
-        }
-    }
-
-    /// Lower-case name as accepted on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::Tf32 => "tf32",
-            Self::Bf16 => "bf16",
-            Self::Bf16All => "bf16-all",
-        }
-    }
-
-    /// Switches cuBLAS's reduced-precision f32 GEMMs on for TF32 (a no-op on the CPU).
-    pub fn apply(self) {
-        candle_core::cuda::set_gemm_reduced_precision_f32(self == Self::Tf32);
-    }
-}
+use crate::glow::{GlowModel, Precision, Result};
 
 /// What a timed run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -10,7 +10,9 @@
 //!   (Parquet) and streaming (Kafka) runners.
 //! - [`registry`]: model versions on disk with an atomically moved `current` pointer.
 //! - [`retrain`]: scheduled retraining: SQL selection, fine-tune, gates, promotion (feature `sql`).
-//! - [`eval`]: AUROC/AUPR/FPR95, calibration and reports.
+//! - [`score`]: the anomaly scores (likelihood, ratio, input complexity), their calibrated
+//!   thresholds and complexity reference; below both `pipeline` and `eval`.
+//! - [`eval`]: AUROC/AUPR/FPR95/TPR at 1 % FPR and reports.
 //! - [`sql`]: SQL over scored data with DataFusion, scoring UDFs (feature `sql`, default).
 //! - [`cli`]: the command-line interface (`main.rs` only calls into it).
 
@@ -24,6 +26,7 @@ pub mod pipeline;
 pub mod registry;
 #[cfg(feature = "sql")]
 pub mod retrain;
+pub mod score;
 #[cfg(feature = "sql")]
 pub mod sql;
 pub mod train;

@@ -19,14 +19,15 @@ use arrow::datatypes::{DataType, Field, Schema};
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
-use crate::bench::Precision;
 use crate::device::DeviceSpec;
-use crate::eval::calibration::{Calibration, calibrate};
 use crate::eval::detection_metrics;
+use crate::glow::Precision;
 use crate::glow::{GlowModel, bits_per_dim};
 use crate::pipeline::decode::ImageColumns;
-use crate::pipeline::score::{ModelScorer, ScoreKind};
+use crate::pipeline::score::ModelScorer;
 use crate::registry::{CALIBRATION_FILE, Registry};
+use crate::score::calibration::{Calibration, calibrate};
+use crate::score::{ComplexityReference, ScoreKind};
 use crate::sql::SqlSession;
 use crate::train::data::{ImageDataset, PixelBatch, SkippedRows, Split, id_unit};
 use crate::train::optimizer::AdamaxConfig;
@@ -191,6 +192,10 @@ fn default_reference_rows() -> usize {
     2000
 }
 
+/// Training rows of the selection that a complexity reference is built from (scores
+/// `complexity_cond` and `combined`; the same rows for the current and the candidate model).
+const COMPLEXITY_REFERENCE_ROWS: usize = 5000;
+
 /// Promotion gates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -344,6 +349,9 @@ fn write_rows(path: &Path, rows: &[(String, Vec<u8>)]) -> Result<()> {
     Ok(())
 }
 
+/// Held-out bpd and the score's AUROC against each reference OOD set; for a score that needs
+/// a complexity reference, one is built for this model from `inliers` (training rows of the
+/// selection, never the held-out ones) and returned with the held-out scores.
 fn quality(
     model: &GlowModel,
     general: Option<&GlowModel>,
@@ -351,8 +359,18 @@ fn quality(
     score: ScoreKind,
     holdout: &PixelBatch,
     references: &[(String, PixelBatch)],
-) -> Result<(Quality, Vec<f64>)> {
-    let s = ModelScorer::new(model, general, device, Precision::F32, 256)?;
+    inliers: &PixelBatch,
+) -> Result<(Quality, Vec<f64>, Option<ComplexityReference>)> {
+    let mut s = ModelScorer::new(model, general, device, Precision::F32, 256)?;
+    s.set_compressors(score.compressor().as_slice());
+    let reference = match score.needs_reference() {
+        true => Some(s.build_reference(
+            &inliers.pixels,
+            &format!("{} training rows of the retrain selection", inliers.len()),
+        )?),
+        false => None,
+    };
+    s.set_reference(reference.clone().map(Arc::new))?;
     let dims = s.config().dims();
     let scored = s.score_pixels(&holdout.pixels)?;
     let bpds: Vec<f64> = scored
@@ -377,6 +395,7 @@ fn quality(
             auroc,
         },
         in_scores,
+        reference,
     ))
 }
 
@@ -539,27 +558,35 @@ pub fn retrain(cfg: &RetrainConfig, progress: &Progress) -> Result<RetrainReport
         final_bpd: report.final_val_bpd,
         parent: Some(parent_id),
         notes: serde_json::to_string(&options)?,
+        // Measured by `glowwatch model card --detection` after an evaluation.
+        detection: None,
     };
     let cand_path = work.join("candidate.safetensors");
     let cand_id = candidate.save(&cand_path)?;
 
     // 3. Evaluate both on the same held-out rows and reference sets.
     let score = cfg.evaluate.score;
-    let (cur_q, _) = quality(
+    let inliers = match score.needs_reference() {
+        true => train_set.read_head(COMPLEXITY_REFERENCE_ROWS, &mut SkippedRows::default())?,
+        false => PixelBatch::default(),
+    };
+    let (cur_q, _, _) = quality(
         &cur_model,
         general.as_ref(),
         &device,
         score,
         &holdout,
         &references,
+        &inliers,
     )?;
-    let (cand_q, cand_scores) = quality(
+    let (cand_q, cand_scores, cand_reference) = quality(
         &candidate,
         general.as_ref(),
         &device,
         score,
         &holdout,
         &references,
+        &inliers,
     )?;
     let mut failed = Vec::new();
     if cand_id == cur_q.model_id {
@@ -604,6 +631,7 @@ pub fn retrain(cfg: &RetrainConfig, progress: &Progress) -> Result<RetrainReport
             in_model: cand_id.clone(),
             general_model: general.as_ref().map(|g| g.model_id()).transpose()?,
             thresholds: [(score, t.clone())].into_iter().collect(),
+            reference: cand_reference,
         };
         out.threshold = Some(t.threshold);
         out.outcome = Outcome::Promoted;

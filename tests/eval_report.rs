@@ -85,8 +85,10 @@ fn eval_writes_table_json_and_plots_and_calibrate_stores_thresholds() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     let results = json["results"].as_array().unwrap();
-    // nll, scale_0, scale_1, last_scale, llr, llr_scale_0..2
-    assert_eq!(results.len(), 8, "one row per score");
+    // nll, scale_0, scale_1, last_scale, llr, llr_scale_0..2, complexity with five codecs
+    // (no calibration yet, so no reference scores).
+    assert_eq!(results.len(), 13, "one row per score");
+    assert!(stdout.contains("complexity_lzma") && stdout.contains("TPR@1%"));
     for r in results {
         let a = r["auroc"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&a));
@@ -117,13 +119,92 @@ fn eval_writes_table_json_and_plots_and_calibrate_stores_thresholds() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let cal =
-        glowwatch::eval::calibration::Calibration::load(&m.with_extension("calibration.json"))
+        glowwatch::score::calibration::Calibration::load(&m.with_extension("calibration.json"))
             .unwrap();
     assert_eq!(cal.thresholds.len(), 2);
     let t = &cal.thresholds[&"llr".parse().unwrap()];
     assert_eq!(t.n, 500);
     assert!(t.expected_flag_rate <= 0.05 && t.expected_flag_rate > 0.03);
     assert!(t.data.contains("held out"));
+    // --holdout also built a complexity reference from the other rows.
+    let r = cal.reference.as_ref().expect("a complexity reference");
+    assert_eq!((r.len(), r.k, r.grid), (5000, 20, 8));
+    assert!(r.data.contains("outside the --holdout"), "{}", r.data);
+    assert!(r.llr.is_some());
+}
+
+#[test]
+fn reference_scores_are_calibrated_then_evaluated_with_recall_at_the_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = small_model(dir.path(), "in.safetensors", 3);
+    let g = small_model(dir.path(), "gen.safetensors", 4);
+    let calibrate = |extra: &[&str]| {
+        bin()
+            .args(["calibrate", "--device", "cpu", "--max-rows", "400"])
+            .args([
+                "--score",
+                "complexity",
+                "complexity_cond",
+                "combined",
+                "--model",
+            ])
+            .arg(&m)
+            .arg("--general")
+            .arg(&g)
+            .arg("--data")
+            .arg(common::shared("fashion_mnist_train.parquet"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // Without held-out rows there is nowhere disjoint to take the reference from.
+    let o = calibrate(&[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("complexity_cond") && err.contains("--holdout"),
+        "{err}"
+    );
+    let o = calibrate(&["--holdout", "0.2", "--reference-rows", "600"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.path().join("eval");
+    let o = bin()
+        .args(["eval", "--device", "cpu", "--max-rows", "300", "--model"])
+        .arg(&m)
+        .arg("--general")
+        .arg(&g)
+        .arg("--in-data")
+        .arg(common::shared("fashion_mnist_test.parquet"))
+        .arg("--ood")
+        .arg(format!(
+            "digits={}",
+            common::shared("mnist.parquet").display()
+        ))
+        .arg("--out-dir")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    let results = json["results"].as_array().unwrap();
+    assert_eq!(results.len(), 15, "{stdout}");
+    for r in results {
+        let name = r["score"].as_str().unwrap();
+        let tpr = r["tpr_at_1pct_fpr"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&tpr));
+        let cal = &r["calibrated"];
+        if ["complexity", "complexity_cond", "combined"].contains(&name) {
+            let recall = cal["recall"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&recall), "{name}: {cal}");
+            // Thresholds from held-out training rows flag about 1 % of the test set.
+            assert!(cal["fpr"].as_f64().unwrap() < 0.05, "{name}: {cal}");
+        } else {
+            assert!(cal.is_null(), "{name} was not calibrated: {cal}");
+        }
+    }
+    assert!(stdout.contains("recall@cal") && stdout.contains("combined"));
 }
 
 #[test]

@@ -16,8 +16,9 @@ use common::broker::{Broker, Produce as Msg, TopicReader, free_port, header};
 use glowwatch::device::DeviceSpec;
 use glowwatch::pipeline::config::PipelineConfig;
 use glowwatch::pipeline::decode::{DecodeLimits, decode_image};
-use glowwatch::pipeline::score::{ModelScorer, ScoreKind};
+use glowwatch::pipeline::score::ModelScorer;
 use glowwatch::pipeline::stream::{StreamSummary, run_stream};
+use glowwatch::score::ScoreKind;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
@@ -187,7 +188,7 @@ fn direct_nll(model: &Path, rows: &[(String, Vec<u8>)]) -> BTreeMap<String, f64>
         model,
         None,
         DeviceSpec::Cpu,
-        glowwatch::bench::Precision::F32,
+        glowwatch::glow::Precision::F32,
         256,
     )
     .unwrap();

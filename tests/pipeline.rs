@@ -753,8 +753,8 @@ fn output_reads_the_same_in_pyarrow_and_duckdb() {
 /// pipeline was added: nothing checked the shipped configs until someone ran them.)
 #[test]
 fn shipped_pipeline_configs_fit_the_shipped_models() {
-    use glowwatch::eval::calibration::Calibration;
     use glowwatch::glow::GlowModel;
+    use glowwatch::score::calibration::Calibration;
     let dev = candle_core::Device::Cpu;
     let mut checked = Vec::new();
     for e in std::fs::read_dir(repo("pipelines")).unwrap() {
@@ -808,5 +808,117 @@ fn shipped_pipeline_configs_fit_the_shipped_models() {
             "kafka-fashion.toml",
             "parquet-batch.toml"
         ]
+    );
+}
+
+/// The complexity columns of every scored row follow their definitions (src/score/mod.rs), and
+/// a pipeline flagging by `combined` takes its complexity reference from the calibration file.
+#[test]
+fn scored_rows_carry_input_complexity_and_the_reference_scores() {
+    use glowwatch::glow::{GlowModel, Precision};
+    use glowwatch::pipeline::score::ModelScorer;
+    use glowwatch::score::ScoreKind;
+    use glowwatch::score::calibration::{Calibration, calibrate};
+    use glowwatch::train::data::{ImageDataset, SkippedRows, Split};
+    let dir = tempfile::tempdir().unwrap();
+    let (m, g) = (
+        common::tiny_model(dir.path(), 11),
+        common::tiny_model(dir.path(), 12),
+    );
+    let dev = candle_core::Device::Cpu;
+    let (mm, gm) = (
+        GlowModel::load(&m, &dev).unwrap(),
+        GlowModel::load(&g, &dev).unwrap(),
+    );
+    let mut scorer = ModelScorer::new(&mm, Some(&gm), &dev, Precision::F32, 64).unwrap();
+    let mcfg = scorer.config().clone();
+    let rows = |split: Split, n: usize| {
+        ImageDataset::open(
+            &[common::shared("fashion_mnist_train.parquet")],
+            "image",
+            "id",
+            &mcfg,
+        )
+        .unwrap()
+        .with_split(split)
+        .read_head(n, &mut SkippedRows::default())
+        .unwrap()
+    };
+    let reference = scorer
+        .build_reference(&rows(Split::Train(0.1), 300).pixels, "test rows")
+        .unwrap();
+    scorer
+        .set_reference(Some(std::sync::Arc::new(reference.clone())))
+        .unwrap();
+    let held = scorer
+        .score_pixels(&rows(Split::Holdout(0.1), 200).pixels)
+        .unwrap();
+    let values: Vec<f64> = held.iter().map(|s| ScoreKind::Combined.value(s)).collect();
+    let cal = Calibration {
+        in_model: mm.model_id().unwrap(),
+        general_model: Some(gm.model_id().unwrap()),
+        thresholds: [(ScoreKind::Combined, calibrate(&values, 0.05, "test"))]
+            .into_iter()
+            .collect(),
+        reference: Some(reference),
+    };
+    let cal_path = dir.path().join("cal.json");
+    cal.save(&cal_path).unwrap();
+    let threshold = cal.thresholds[&ScoreKind::Combined].threshold;
+
+    let input = dir.path().join("in.parquet");
+    common::subset(&common::shared("mnist.parquet"), 300, 128, &input);
+    let out = dir.path().join("out");
+    let toml = |flag: &str| {
+        format!(
+            "name = \"t\"\n[source]\nkind = \"parquet\"\npaths = [\"{}\"]\n[models]\nin = \"{}\"\ngeneral = \"{}\"\ndevice = \"cpu\"\n[flag]\nscore = \"combined\"\n{flag}\n[sinks.scored]\npath = \"{}\"\npartition = \"none\"\n[sinks.dead_letter]\npath = \"{}\"\npartition = \"none\"\n",
+            input.display(),
+            m.display(),
+            g.display(),
+            out.join("scored").display(),
+            out.join("dead").display()
+        )
+    };
+    // The reference lives in a calibration file; a bare threshold cannot carry it.
+    let e = PipelineConfig::parse(&toml("threshold = 1.0"), dir.path()).unwrap_err();
+    assert!(e.to_string().contains("complexity reference"), "{e}");
+    let cfg = PipelineConfig::parse(
+        &toml(&format!("calibration = \"{}\"", cal_path.display())),
+        dir.path(),
+    )
+    .unwrap();
+    let s = run_pipeline(&cfg).unwrap();
+    assert_eq!(s.scored, 300);
+    let mut flagged = 0;
+    for b in read_all(&parquet_files(&out.join("scored"))) {
+        let f = |n: &str| {
+            b.column_by_name(n)
+                .unwrap()
+                .as_primitive::<Float64Type>()
+                .clone()
+        };
+        let (bpd, bits, cx, cond, comb, score) = (
+            f("bpd"),
+            f("input_bits"),
+            f("complexity"),
+            f("complexity_cond"),
+            f("combined"),
+            f("score"),
+        );
+        let ood = b.column_by_name("is_ood").unwrap().as_boolean().clone();
+        for i in 0..b.num_rows() {
+            // S = bits/dim * D - L(x); zlib sizes are whole bytes.
+            assert!((cx.value(i) - (bpd.value(i) * 1024.0 - bits.value(i))).abs() < 1e-6);
+            assert_eq!(bits.value(i) % 8.0, 0.0);
+            assert!(bits.value(i) > 64.0 && bits.value(i) < 9000.0);
+            assert!(cond.is_valid(i) && comb.is_valid(i));
+            assert_eq!(score.value(i), comb.value(i));
+            assert_eq!(ood.value(i), comb.value(i) > threshold);
+            flagged += ood.value(i) as usize;
+        }
+    }
+    assert_eq!(
+        flagged as u64, s.flagged,
+        "the summary counts what was written"
     );
 }

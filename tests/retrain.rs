@@ -141,7 +141,7 @@ path = "dead"
     assert_eq!(r.current_version, "v0002");
     let v2 = registry.current().unwrap().unwrap();
     assert_eq!(v2.name, "v0002");
-    let cal = glowwatch::eval::calibration::Calibration::load(&v2.calibration()).unwrap();
+    let cal = glowwatch::score::calibration::Calibration::load(&v2.calibration()).unwrap();
     assert_eq!(cal.in_model, r.candidate.model_id);
     assert!(v2.dir.join("retrain.json").is_file());
     assert!(r.current.auroc.contains_key("mnist") && r.candidate.auroc.contains_key("mnist"));

@@ -3,8 +3,9 @@
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::bench::{BenchCase, BenchMode, BenchOptions, Precision, profile_table, run_case, table};
+use crate::bench::{BenchCase, BenchMode, BenchOptions, profile_table, run_case, table};
 use crate::device::DeviceSpec;
+use crate::glow::Precision;
 use crate::glow::config::GlowConfig;
 
 /// Arguments of `glowwatch bench`.

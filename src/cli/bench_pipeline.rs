@@ -1,11 +1,12 @@
 //! `glowwatch bench-pipeline`: Parquet -> score -> Parquet throughput against pure model
-//! scoring of the same images, decode throughput per core, and peak memory, in one run.
+//! scoring of the same images, decode throughput per core, the cost of the input terms
+//! (compressed size, complexity reference) beside the models, and peak memory, in one run.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::bench::Precision;
+use crate::glow::Precision;
 use anyhow::{Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use clap::Args;
@@ -20,7 +21,9 @@ use crate::pipeline::config::{
 };
 use crate::pipeline::decode::{DecodeLimits, ImageColumns, decode_array};
 use crate::pipeline::run::run_pipeline;
-use crate::pipeline::score::{ModelScorer, ScoreKind};
+use crate::pipeline::score::ModelScorer;
+use crate::score::calibration::Calibration;
+use crate::score::{ComplexityReference, Compressor, ScoreKind};
 
 /// Arguments of `glowwatch bench-pipeline`.
 #[derive(Debug, Args)]
@@ -49,6 +52,16 @@ pub struct BenchPipelineArgs {
     /// Working directory for the generated input and the outputs (default: a temp dir).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Flagged score of the pipeline run (default: llr with a general model, else nll).
+    #[arg(long)]
+    pub score: Option<ScoreKind>,
+    /// Calibration file of the models: its threshold for `--score` and its complexity
+    /// reference (needed for complexity_cond and combined). Without it the pipeline flags at 0.
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// Timed rounds of each pure-scoring variant (interleaved; medians reported).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 /// Runs `glowwatch bench-pipeline`.
@@ -82,7 +95,7 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
         w.close()?;
     }
 
-    let scorer = ModelScorer::load(
+    let mut scorer = ModelScorer::load(
         &a.model,
         a.general.as_deref(),
         a.device,
@@ -90,6 +103,16 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
         a.batch,
     )?;
     let cfg = scorer.config().clone();
+    let score = a.score.unwrap_or(if a.general.is_some() {
+        ScoreKind::Llr
+    } else {
+        ScoreKind::Nll
+    });
+    let reference = match &a.calibration {
+        Some(p) => Calibration::load(p).map_err(anyhow::Error::msg)?.reference,
+        None => None,
+    };
+    scorer.set_reference(reference.clone().map(Arc::new))?;
 
     // Decode throughput: one core, then all cores.
     let all = arrow::compute::concat_batches(&schema, &batches)?;
@@ -115,11 +138,26 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
     let (dec1, _) = time_decode(1)?;
     let (decn, pixels) = time_decode(cores)?;
 
-    // Pure scoring of the decoded images (warm-up batch first).
+    // Pure scoring of the decoded images (warm-up batch first): the models alone, with the
+    // zlib size, and with the complexity reference too; rounds interleaved, medians.
     scorer.score_pixels(&pixels[..cfg.dims() * a.batch.min(n)])?;
-    let t = Instant::now();
-    scorer.score_pixels(&pixels)?;
-    let pure = n as f64 / t.elapsed().as_secs_f64();
+    let zlib = [Compressor::Zlib];
+    let variants: Vec<(&str, &[Compressor], Option<&ComplexityReference>)> = vec![
+        ("models only", &[], None),
+        ("models + zlib size", &zlib, None),
+        ("models + zlib size + reference", &zlib, reference.as_ref()),
+    ];
+    let variants = &variants[..if reference.is_some() { 3 } else { 2 }];
+    let mut rates = vec![Vec::new(); variants.len()];
+    for _ in 0..a.rounds.max(1) {
+        for (i, (_, c, r)) in variants.iter().enumerate() {
+            let t = Instant::now();
+            scorer.score_pixels_with(&pixels, c, *r)?;
+            rates[i].push(n as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let medians: Vec<f64> = rates.iter_mut().map(|r| median(r)).collect();
+    let pure = *medians.last().expect("variants");
 
     // The whole pipeline.
     let pcfg = PipelineConfig {
@@ -135,13 +173,9 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
             precision: "f32".into(),
         },
         flag: FlagConfig {
-            score: if a.general.is_some() {
-                ScoreKind::Llr
-            } else {
-                ScoreKind::Nll
-            },
-            calibration: None,
-            threshold: Some(0.0),
+            score,
+            calibration: a.calibration.clone(),
+            threshold: a.calibration.is_none().then_some(0.0),
         },
         sinks: SinksConfig::parquet(
             ParquetSinkConfig::unpartitioned(tmp.join("scored")),
@@ -160,17 +194,28 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
         format!("decode images/s, {cores} cores"),
         decn
     );
-    println!(
-        "{:<44} {:>12.0}",
-        "pure scoring images/s (both models)", pure
-    );
+    for ((name, _, _), m) in variants.iter().zip(&medians) {
+        println!(
+            "{:<44} {:>12.0}",
+            format!("pure scoring images/s, {name}"),
+            m
+        );
+    }
+    for ((name, _, _), m) in variants.iter().zip(&medians).skip(1) {
+        println!(
+            "{:<44} {:>12.3}",
+            format!("{name} / models only"),
+            m / medians[0]
+        );
+    }
+    println!("{:<44} {:>12}", "pipeline flags by", score.to_string());
     println!(
         "{:<44} {:>12.0}",
         "pipeline rows/s (Parquet -> Parquet)", s.rows_per_s
     );
     println!(
         "{:<44} {:>12.3}",
-        "pipeline / pure scoring",
+        "pipeline / pure scoring (all terms)",
         s.rows_per_s / pure
     );
     if let Some(mib) = crate::bench::peak_rss_mib() {
@@ -180,6 +225,11 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn tempdir(given: Option<PathBuf>) -> Result<PathBuf> {

@@ -21,7 +21,7 @@ use rand_distr::{Distribution, Normal};
 use crate::device::DeviceSpec;
 use crate::pipeline::decode::{DecodeLimits, decode_array};
 use crate::pipeline::schema::scored_schema;
-use crate::pipeline::score::ScoreKind;
+use crate::score::ScoreKind;
 use crate::sql::SqlSession;
 use crate::sql::udf::SqlModels;
 
@@ -177,6 +177,7 @@ fn udf_vs_batch(
     let models = Arc::new(SqlModels::load(
         model,
         a.general.as_deref(),
+        None,
         a.device,
         a.batch,
         score,
@@ -316,6 +317,17 @@ fn synthetic_batch(
                     .collect(),
             ),
             "gen_log_p" => floats(gen_log_p.clone()),
+            // A plausible zlib size (Fashion-MNIST: ~4,900 bits) and S from it; the generated
+            // data has no complexity reference, so the reference scores are null.
+            "input_bits" => floats((0..n).map(|i| 4000.0 + (i % 1800) as f64).collect()),
+            "complexity" => floats(
+                (0..n)
+                    .map(|i| {
+                        -log_p[i] / std::f64::consts::LN_2 + 8192.0 - (4000.0 + (i % 1800) as f64)
+                    })
+                    .collect(),
+            ),
+            "complexity_cond" | "combined" => Arc::new(Float64Array::from(vec![None; n])),
             "llr" | "score" => floats(llr.clone()),
             "threshold" => floats(vec![threshold; n]),
             "score_name" => Arc::new(StringArray::from(vec!["llr"; n])),

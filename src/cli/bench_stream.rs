@@ -16,8 +16,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message};
 
 use super::produce::{publish, read_images};
-use crate::bench::Precision;
 use crate::device::DeviceSpec;
+use crate::glow::Precision;
 use crate::pipeline::decode::{DecodeLimits, decode_image};
 use crate::pipeline::score::ModelScorer;
 

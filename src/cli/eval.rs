@@ -3,14 +3,18 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::bench::Precision;
+use crate::glow::Precision;
 use anyhow::{Context, Result};
 use clap::Args;
+
+use std::sync::Arc;
 
 use crate::device::DeviceSpec;
 use crate::eval::{EvalReport, ScoredSet, report};
 use crate::pipeline::decode::ImageColumns;
 use crate::pipeline::score::ModelScorer;
+use crate::score::Compressor;
+use crate::score::calibration::Calibration;
 use crate::train::data::{ImageDataset, SkippedRows, Split};
 
 /// Arguments of `glowwatch eval`.
@@ -46,6 +50,11 @@ pub struct EvalArgs {
     /// f32, tf32 (CUDA), bf16 or bf16-all.
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
+    /// Calibration file whose thresholds (recall at the calibrated threshold) and complexity
+    /// reference (the `complexity_cond` and `combined` scores) to use. Default:
+    /// `<model>.calibration.json` when it exists and belongs to these models.
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
 }
 
 /// A `name=path` or `path` argument.
@@ -106,15 +115,54 @@ pub(super) fn load_scorer(
     )?)
 }
 
+/// The calibration of these models: `path`, or the model's default file when it exists.
+/// A named file must exist and match the models; a default file of other models is skipped
+/// with a note.
+pub(super) fn matching_calibration(
+    path: Option<&Path>,
+    model: &Path,
+    scorer: &ModelScorer,
+) -> Result<Option<Calibration>> {
+    let (p, named) = match path {
+        Some(p) => (p.to_path_buf(), true),
+        None => (Calibration::path_for_model(model), false),
+    };
+    if !named && !p.exists() {
+        return Ok(None);
+    }
+    let cal = Calibration::load(&p).map_err(anyhow::Error::msg)?;
+    let general_ok =
+        cal.general_model.is_none() || cal.general_model.as_deref() == scorer.general_model_id();
+    if cal.in_model != scorer.in_model_id() || !general_ok {
+        let msg = format!(
+            "calibration {} belongs to models {} / {:?}, not {} / {:?}",
+            p.display(),
+            cal.in_model,
+            cal.general_model,
+            scorer.in_model_id(),
+            scorer.general_model_id()
+        );
+        anyhow::ensure!(!named, "{msg}");
+        eprintln!("note: {msg}; evaluating without it");
+        return Ok(None);
+    }
+    Ok(Some(cal))
+}
+
 /// Runs `glowwatch eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
-    let scorer = load_scorer(
+    let mut scorer = load_scorer(
         &a.model,
         a.general.as_deref(),
         &a.device,
         a.precision,
         a.batch,
     )?;
+    scorer.set_compressors(&Compressor::ALL);
+    let calibration = matching_calibration(a.calibration.as_deref(), &a.model, &scorer)?;
+    if let Some(c) = &calibration {
+        scorer.set_reference(c.reference.clone().map(Arc::new))?;
+    }
     let (in_name, _) = named_path(&a.in_data.display().to_string());
     let in_set = score_set(
         &scorer,
@@ -138,6 +186,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         scorer.config(),
         &in_set,
         &oods,
+        calibration.as_ref(),
     );
     print!("{}", rep.table());
     std::fs::create_dir_all(&a.out_dir)

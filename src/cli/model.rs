@@ -1,4 +1,5 @@
-//! `glowwatch model new|info|sample`: create, inspect and sample model files.
+//! `glowwatch model new|info|sample|card`: create, inspect and sample model files, and record
+//! detection figures in their cards.
 
 use std::path::PathBuf;
 
@@ -8,8 +9,9 @@ use clap::Subcommand;
 
 use crate::bench::random_batch;
 use crate::device::DeviceSpec;
-use crate::glow::file::now_rfc3339;
+use crate::glow::file::{DetectionCard, DetectionResult, now_rfc3339};
 use crate::glow::{GlowModel, ModelCard};
+use crate::score::ScoreKind;
 
 /// Model-file subcommands.
 #[derive(Debug, Subcommand)]
@@ -31,6 +33,21 @@ pub enum ModelCommand {
         name: String,
         /// Output path (.safetensors).
         out: PathBuf,
+    },
+    /// Record detection figures in a model file's card: one score's results from an
+    /// `eval.json` written by `glowwatch eval` (the weights and the model id stay as they are).
+    Card {
+        /// Model file (rewritten in place).
+        path: PathBuf,
+        /// `eval.json` of an evaluation of this model.
+        #[arg(long)]
+        detection: PathBuf,
+        /// The score to record.
+        #[arg(long)]
+        score: ScoreKind,
+        /// How the figures were produced (e.g. the eval command).
+        #[arg(long, default_value = "")]
+        measured: String,
     },
     /// Print a model file's id, config, card and size.
     Info {
@@ -83,6 +100,19 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             let id = model.save(&out)?;
             println!("{id}  {}", out.display());
         }
+        ModelCommand::Card {
+            path,
+            detection,
+            score,
+            measured,
+        } => {
+            let mut model = GlowModel::load(&path, &Device::Cpu)?;
+            let id = model.model_id()?;
+            model.card.detection = Some(detection_card(&detection, &id, score, &measured)?);
+            let saved = model.save(&path)?;
+            anyhow::ensure!(saved == id, "model id changed from {id} to {saved}");
+            println!("{}", serde_json::to_string_pretty(&model.card.detection)?);
+        }
         ModelCommand::Info { path } => {
             let model = GlowModel::load(&path, &Device::Cpu)?;
             let cfg = model.config();
@@ -108,6 +138,50 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The card entry of `score` from an `eval.json` of model `id`.
+fn detection_card(
+    eval_json: &std::path::Path,
+    id: &str,
+    score: ScoreKind,
+    measured: &str,
+) -> Result<DetectionCard> {
+    let text = std::fs::read_to_string(eval_json)
+        .with_context(|| format!("reading {}", eval_json.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}", eval_json.display()))?;
+    anyhow::ensure!(
+        v["in_model"] == id,
+        "{} evaluates model {}, not {id}",
+        eval_json.display(),
+        v["in_model"]
+    );
+    let name = score.to_string();
+    let results: Vec<DetectionResult> = v["results"]
+        .as_array()
+        .context("eval.json has no results")?
+        .iter()
+        .filter(|r| r["score"] == name.as_str())
+        .map(|r| DetectionResult {
+            ood: r["ood"].as_str().unwrap_or_default().to_string(),
+            auroc: r["auroc"].as_f64().unwrap_or(f64::NAN),
+            tpr_at_1pct_fpr: r["tpr_at_1pct_fpr"].as_f64().unwrap_or(f64::NAN),
+            recall_at_threshold: r["calibrated"]["recall"].as_f64(),
+        })
+        .collect();
+    anyhow::ensure!(
+        !results.is_empty(),
+        "{} has no results for score {name}",
+        eval_json.display()
+    );
+    Ok(DetectionCard {
+        score: name,
+        general_model: v["general_model"].as_str().map(String::from),
+        in_set: v["in_set"][0].as_str().unwrap_or_default().to_string(),
+        results,
+        measured: format!("{measured} ({})", now_rfc3339()),
+    })
 }
 
 /// Writes (N, C, S, S) model-space images as a square PNG grid (k = round((x + 0.5) * 256)).

@@ -82,7 +82,7 @@ pub fn run(c: RegistryCommand) -> Result<()> {
         } => {
             let r = Registry::open(&dir)?;
             let cal = calibration
-                .unwrap_or_else(|| crate::eval::calibration::Calibration::path_for_model(&model));
+                .unwrap_or_else(|| crate::score::calibration::Calibration::path_for_model(&model));
             let extra = if cal.is_file() {
                 vec![(
                     CALIBRATION_FILE,

@@ -11,7 +11,7 @@ use crate::pipeline::config::{
     SourceConfig, SummaryConfig,
 };
 use crate::pipeline::run::run_pipeline;
-use crate::pipeline::score::ScoreKind;
+use crate::score::ScoreKind;
 
 /// Arguments of `glowwatch score`.
 #[derive(Debug, Args)]
@@ -57,7 +57,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         match a.threshold {
             Some(_) => None,
             None => Some(a.calibration.clone().unwrap_or_else(|| {
-                crate::eval::calibration::Calibration::path_for_model(&a.model)
+                crate::score::calibration::Calibration::path_for_model(&a.model)
             })),
         };
     let cfg = PipelineConfig {

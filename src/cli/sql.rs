@@ -10,7 +10,7 @@ use clap::Args;
 
 use crate::device::DeviceSpec;
 use crate::pipeline::config::PipelineConfig;
-use crate::pipeline::score::ScoreKind;
+use crate::score::ScoreKind;
 use crate::sql::output::{self, Format};
 use crate::sql::udf::SqlModels;
 use crate::sql::{SqlSession, StatementResult};
@@ -33,6 +33,11 @@ pub struct SqlArgs {
     /// General model for ood_llr / ood_gen_log_p (overrides the pipeline's).
     #[arg(long)]
     pub general: Option<PathBuf>,
+    /// Calibration file whose complexity reference the complexity_cond and combined scores
+    /// use (default: the pipeline's flag.calibration, else `<model>.calibration.json` when it
+    /// exists).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
     /// What ood_score returns (default: the pipeline's flag.score, else llr with a general
     /// model, else nll).
     #[arg(long)]
@@ -111,9 +116,20 @@ async fn open_session(a: &SqlArgs) -> Result<SqlSession> {
             .as_ref()
             .map(|c| c.decode.limits())
             .unwrap_or_default();
+        let calibration = a
+            .calibration
+            .clone()
+            .or_else(|| pipeline.as_ref().and_then(|c| c.flag.calibration.clone()))
+            .or_else(|| {
+                Some(crate::score::calibration::Calibration::path_for_model(
+                    &model,
+                ))
+                .filter(|p| p.exists())
+            });
         session.add_models(Arc::new(SqlModels::load(
             &model,
             general.as_deref(),
+            calibration.as_deref(),
             a.device,
             a.batch,
             score,

@@ -319,6 +319,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
                 "skipped_rows": report.skipped_rows.total,
                 "val": if a.val.is_empty() { format!("{} held out of the training files", a.val_fraction) } else { val_set.describe() },
             }))?,
+            detection: None,
         };
         let id = model.save(&out)?;
         println!(

@@ -5,6 +5,8 @@
 
 use serde::Serialize;
 
+use crate::score::calibration::threshold_at_fpr;
+
 /// AUROC, AUPR and FPR at 95 % TPR of one score on one in-vs-OOD pair.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct DetectionMetrics {
@@ -15,6 +17,10 @@ pub struct DetectionMetrics {
     pub aupr: f64,
     /// False-positive rate at the first threshold reaching 95 % true-positive rate.
     pub fpr_at_95_tpr: f64,
+    /// True-positive rate at 1 % false-positive rate: the share of OOD scores above the
+    /// threshold that flags at most 1 % of these negatives
+    /// ([`crate::score::calibration::threshold_at_fpr`]; non-finite scores count as flagged).
+    pub tpr_at_1pct_fpr: f64,
     /// In-distribution (negative) scores that were not finite.
     pub non_finite_in: usize,
     /// OOD (positive) scores that were not finite.
@@ -57,6 +63,15 @@ pub fn roc_curve(neg: &[f64], pos: &[f64]) -> Vec<(f64, f64)> {
         pts.push((fp as f64 / nn, tp as f64 / np));
     }
     pts
+}
+
+/// Share of `scores` a threshold flags (above it, or not finite).
+pub fn flagged_share(scores: &[f64], threshold: f64) -> f64 {
+    let n = scores
+        .iter()
+        .filter(|&&v| !v.is_finite() || v > threshold)
+        .count();
+    n as f64 / scores.len().max(1) as f64
 }
 
 /// Computes the metrics; `neg` are in-distribution scores, `pos` OOD scores. Both must be
@@ -113,6 +128,7 @@ pub fn detection_metrics(neg: &[f64], pos: &[f64]) -> DetectionMetrics {
         auroc,
         aupr: ap,
         fpr_at_95_tpr: fpr95,
+        tpr_at_1pct_fpr: flagged_share(pos, threshold_at_fpr(neg, 0.01).0),
         non_finite_in: neg.iter().filter(|v| !v.is_finite()).count(),
         non_finite_ood: pos.iter().filter(|v| !v.is_finite()).count(),
     }
@@ -140,6 +156,9 @@ mod tests {
         assert!((m.aupr - 1.9 / 3.0).abs() < 1e-12, "{}", m.aupr);
         // 95 % TPR is first reached at 0.35, where 3 of 4 negatives score higher or equal.
         assert!((m.fpr_at_95_tpr - 0.75).abs() < 1e-12);
+        // 1 % of 4 negatives is 0 images: the threshold is the top negative, 0.8; only 0.9
+        // is above it.
+        assert!((m.tpr_at_1pct_fpr - 1.0 / 3.0).abs() < 1e-12);
         let roc = roc_curve(&neg, &pos);
         assert_eq!(
             roc,
@@ -158,11 +177,22 @@ mod tests {
     fn perfect_inverted_and_all_tied() {
         let m = detection_metrics(&[0.0, 1.0], &[2.0, 3.0]);
         assert_eq!((m.auroc, m.aupr, m.fpr_at_95_tpr), (1.0, 1.0, 0.0));
+        assert_eq!(m.tpr_at_1pct_fpr, 1.0);
         let m = detection_metrics(&[2.0, 3.0], &[0.0, 1.0]);
         assert_eq!((m.auroc, m.fpr_at_95_tpr), (0.0, 1.0));
         let m = detection_metrics(&[5.0; 3], &[5.0; 2]);
         assert_eq!(m.auroc, 0.5);
         assert!((m.aupr - 0.4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn tpr_at_1pct_fpr_uses_the_hundredth_highest_negative() {
+        // 200 negatives 0..199: at most 2 may lie above the threshold, so it is 197.
+        let neg: Vec<f64> = (0..200).map(f64::from).collect();
+        let pos = [196.0, 197.0, 197.5, 500.0, f64::NAN];
+        let m = detection_metrics(&neg, &pos);
+        assert!((m.tpr_at_1pct_fpr - 3.0 / 5.0).abs() < 1e-12);
+        assert_eq!(flagged_share(&pos, 197.0), 0.6);
     }
 
     #[test]

@@ -1,9 +1,7 @@
-//! Evaluation and calibration of scores:
+//! Evaluation of scores (their thresholds live in [`crate::score::calibration`]):
 //! - [`metrics`]: AUROC / AUPR / FPR at 95 % TPR with exact tie handling;
-//! - [`calibration`]: decision thresholds from in-distribution data only;
 //! - [`report`]: HTML report with score histograms and ROC curves (plotters, SVG).
 
-pub mod calibration;
 pub mod metrics;
 pub mod report;
 
@@ -11,8 +9,9 @@ use serde::Serialize;
 
 use crate::glow::bits_per_dim;
 use crate::glow::config::GlowConfig;
-use crate::pipeline::score::{ImageScores, ScoreKind};
-pub use metrics::{DetectionMetrics, detection_metrics, roc_curve};
+use crate::score::calibration::Calibration;
+use crate::score::{ImageScores, ScoreKind};
+pub use metrics::{DetectionMetrics, detection_metrics, flagged_share, roc_curve};
 
 /// Scores of one image set under the models.
 #[derive(Debug, Clone)]
@@ -76,6 +75,23 @@ pub struct ScoreResult {
     /// Its metrics.
     #[serde(flatten)]
     pub metrics: DetectionMetrics,
+    /// What the calibrated threshold of the score does on these sets, when the calibration
+    /// has one.
+    pub calibrated: Option<CalibratedRates>,
+}
+
+/// The calibrated threshold of a score (chosen on held-out training inliers, never on these
+/// sets) applied to the evaluation sets.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CalibratedRates {
+    /// The threshold.
+    pub threshold: f64,
+    /// The false-positive rate it was calibrated for.
+    pub target_fpr: f64,
+    /// Share of the OOD set flagged (recall).
+    pub recall: f64,
+    /// Share of the in-distribution test set flagged (the false-positive rate met).
+    pub fpr: f64,
 }
 
 /// Everything `glowwatch eval` measures.
@@ -103,24 +119,39 @@ pub struct EvalReport {
 }
 
 impl EvalReport {
-    /// Scores every set and computes every metric.
+    /// Computes every metric of every score the scored sets carry (the reference scores
+    /// when the sets were scored with a complexity reference), and what `calibration`'s
+    /// thresholds do on them.
     pub fn compute(
         in_model: &str,
         general_model: Option<&str>,
         cfg: &GlowConfig,
         in_set: &ScoredSet,
         oods: &[ScoredSet],
+        calibration: Option<&Calibration>,
     ) -> Self {
         let dims = cfg.dims();
-        let kinds = ScoreKind::all(cfg.scales, general_model.is_some());
+        let reference = in_set
+            .scores
+            .first()
+            .is_some_and(|s| s.expected_complexity.is_some());
+        let kinds = ScoreKind::all(cfg.scales, general_model.is_some(), reference);
         let mut results = Vec::new();
         for &k in &kinds {
             let neg = in_set.values(k);
+            let threshold = calibration.and_then(|c| c.thresholds.get(&k));
             for o in oods {
+                let pos = o.values(k);
                 results.push(ScoreResult {
                     score: k,
                     ood: o.name.clone(),
-                    metrics: detection_metrics(&neg, &o.values(k)),
+                    metrics: detection_metrics(&neg, &pos),
+                    calibrated: threshold.map(|t| CalibratedRates {
+                        threshold: t.threshold,
+                        target_fpr: t.target_fpr,
+                        recall: flagged_share(&pos, t.threshold),
+                        fpr: flagged_share(&neg, t.threshold),
+                    }),
                 });
             }
         }
@@ -174,34 +205,66 @@ impl EvalReport {
             .max_by(|a, b| a.metrics.auroc.total_cmp(&b.metrics.auroc))
     }
 
-    /// A fixed-width table: one row per score, AUROC / AUPR / FPR95 per OOD set.
+    /// A fixed-width table: one row per score; per OOD set AUROC, AUPR, FPR at 95 % TPR,
+    /// TPR at 1 % FPR and the recall at the calibrated threshold (`-` without one). Below it,
+    /// the false-positive rate each calibrated threshold met on the in-distribution set.
     pub fn table(&self) -> String {
         use std::fmt::Write;
+        const W: usize = 45;
         let mut s = String::new();
-        let _ = write!(s, "{:<14}", "score");
+        let _ = write!(s, "{:<16}", "score");
         for (o, _) in &self.ood_sets {
-            let _ = write!(s, " | {:^26}", format!("vs {o}"));
+            let _ = write!(s, " | {:^W$}", format!("vs {o}"));
         }
         s.push('\n');
-        let _ = write!(s, "{:<14}", "");
+        let _ = write!(s, "{:<16}", "");
         for _ in &self.ood_sets {
-            let _ = write!(s, " | {:>8}{:>8}{:>10}", "AUROC", "AUPR", "FPR95");
+            let _ = write!(
+                s,
+                " | {:>8}{:>8}{:>8}{:>10}{:>11}",
+                "AUROC", "AUPR", "FPR95", "TPR@1%", "recall@cal"
+            );
         }
         s.push('\n');
-        s.push_str(&"-".repeat(14 + 29 * self.ood_sets.len()));
+        s.push_str(&"-".repeat(16 + (W + 3) * self.ood_sets.len()));
         s.push('\n');
         let mut kinds: Vec<ScoreKind> = self.results.iter().map(|r| r.score).collect();
         kinds.dedup();
+        let mut met = Vec::new();
         for k in kinds {
-            let _ = write!(s, "{:<14}", k.to_string());
+            let _ = write!(s, "{:<16}", k.to_string());
             for (o, _) in &self.ood_sets {
                 if let Some(r) = self.results.iter().find(|r| r.score == k && &r.ood == o) {
                     let m = &r.metrics;
+                    let cal = r
+                        .calibrated
+                        .map_or("-".to_string(), |c| format!("{:.4}", c.recall));
                     let _ = write!(
                         s,
-                        " | {:>8.4}{:>8.4}{:>10.4}",
-                        m.auroc, m.aupr, m.fpr_at_95_tpr
+                        " | {:>8.4}{:>8.4}{:>8.4}{:>10.4}{:>11}",
+                        m.auroc, m.aupr, m.fpr_at_95_tpr, m.tpr_at_1pct_fpr, cal
                     );
+                    if r.calibrated.is_some() && met.last() != Some(&k) {
+                        met.push(k);
+                    }
+                }
+            }
+            s.push('\n');
+        }
+        if !met.is_empty() {
+            let _ = write!(
+                s,
+                "false-positive rate of the calibrated thresholds on {}:",
+                self.in_set.0
+            );
+            for k in &met {
+                if let Some(c) = self
+                    .results
+                    .iter()
+                    .find(|r| r.score == *k)
+                    .and_then(|r| r.calibrated)
+                {
+                    let _ = write!(s, " {k} {:.4} (target {});", c.fpr, c.target_fpr);
                 }
             }
             s.push('\n');
@@ -245,14 +308,16 @@ mod tests {
         let set = ScoredSet {
             name: "a".into(),
             scores: vec![
-                ImageScores {
-                    lp_in: vec![900.0, 300.0, -50.0],
-                    lp_gen: Some(vec![700.0, 250.0, 10.0]),
-                },
-                ImageScores {
-                    lp_in: vec![500.0, 100.0, 20.0],
-                    lp_gen: Some(vec![400.0, 120.0, 30.0]),
-                },
+                ImageScores::from_lp(
+                    vec![900.0, 300.0, -50.0],
+                    Some(vec![700.0, 250.0, 10.0]),
+                    1024,
+                ),
+                ImageScores::from_lp(
+                    vec![500.0, 100.0, 20.0],
+                    Some(vec![400.0, 120.0, 30.0]),
+                    1024,
+                ),
             ],
         };
         let shape = cfg.shape();
@@ -274,10 +339,7 @@ mod tests {
         // A set without a general model has no general breakdown.
         let none = ScoredSet {
             name: "b".into(),
-            scores: vec![ImageScores {
-                lp_in: vec![1.0, 2.0, 3.0],
-                lp_gen: None,
-            }],
+            scores: vec![ImageScores::from_lp(vec![1.0, 2.0, 3.0], None, 1024)],
         };
         assert!(none.mean_scale_bpd(&cfg, true).is_empty());
     }

@@ -6,7 +6,7 @@ use std::fmt::Write;
 use plotters::prelude::*;
 
 use super::{EvalReport, ScoredSet, roc_curve};
-use crate::pipeline::score::ScoreKind;
+use crate::score::ScoreKind;
 
 const COLOURS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),

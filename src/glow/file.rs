@@ -42,6 +42,39 @@ pub struct ModelCard {
     pub parent: Option<String>,
     /// Free text.
     pub notes: String,
+    /// How well the model detects out-of-distribution images with its recommended score,
+    /// as last measured (`glowwatch model card --detection`). Not part of the model id.
+    pub detection: Option<DetectionCard>,
+}
+
+/// The detection figures of a model card: one score, measured against named OOD sets.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DetectionCard {
+    /// The recommended score (its name, e.g. `combined`).
+    pub score: String,
+    /// The general model it needs, if any.
+    pub general_model: Option<String>,
+    /// In-distribution set the false-positive rates were measured on.
+    pub in_set: String,
+    /// One entry per OOD set.
+    pub results: Vec<DetectionResult>,
+    /// How the figures were produced (the command) and when.
+    pub measured: String,
+}
+
+/// The score against one OOD set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DetectionResult {
+    /// OOD set name.
+    pub ood: String,
+    /// Area under the ROC curve.
+    pub auroc: f64,
+    /// True-positive rate at 1 % false positives on the in-distribution set.
+    pub tpr_at_1pct_fpr: f64,
+    /// Recall at the calibrated threshold, when there was one.
+    pub recall_at_threshold: Option<f64>,
 }
 
 /// A Glow with its parameter store, configuration, card and content-hash id.

@@ -24,7 +24,7 @@ pub mod squeeze;
 pub use config::{GlowConfig, GlowShape, ScaleShape};
 pub use file::{GlowModel, ModelCard};
 pub use flow::{FlowOutput, Glow};
-pub use scorer::{GlowScorer, ScaleScores};
+pub use scorer::{GlowScorer, Precision, ScaleScores};
 
 use candle_core::{DType, Tensor};
 

@@ -20,6 +20,7 @@
 
 use candle_core::{D, DType, Device, Tensor};
 use nalgebra::DMatrix;
+use serde::Serialize;
 
 use super::config::{GlowConfig, ScaleShape};
 use super::exit::{EXIT_SCALE_EPS, standard_normal_log_density};
@@ -27,6 +28,63 @@ use super::flow::Glow;
 use super::invconv::{to_matrix, to_vec};
 use super::kernels::{coupling_affine, im2col3x3_ones, matmul_relu, small_linear, tap_sum3x3};
 use super::{Result, bits_per_dim, per_sample_sum};
+
+/// Numeric precision of scoring: which dtypes the coupling networks and the flow state use
+/// (the likelihood sums are always f64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Plain f32 everywhere.
+    F32,
+    /// f32 storage, TF32 tensor-core matmuls (CUDA only).
+    Tf32,
+    /// bf16 coupling networks; flow state and likelihood terms in f32, sums in f64.
+    Bf16,
+    /// bf16 coupling networks and flow state (faster, less exact); likelihood terms in f32.
+    #[serde(rename = "bf16-all")]
+    Bf16All,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "tf32" => Ok(Self::Tf32),
+            "bf16" => Ok(Self::Bf16),
+            "bf16-all" => Ok(Self::Bf16All),
+            _ => Err(format!(
+                "unknown precision `{s}`: use f32, tf32, bf16 or bf16-all"
+            )),
+        }
+    }
+}
+
+impl Precision {
+    /// (coupling-network dtype, flow-state dtype).
+    pub fn dtypes(self) -> (DType, DType) {
+        match self {
+            Self::Bf16 => (DType::BF16, DType::F32),
+            Self::Bf16All => (DType::BF16, DType::BF16),
+            _ => (DType::F32, DType::F32),
+        }
+    }
+
+    /// Lower-case name as accepted on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Tf32 => "tf32",
+            Self::Bf16 => "bf16",
+            Self::Bf16All => "bf16-all",
+        }
+    }
+
+    /// Switches cuBLAS's reduced-precision f32 GEMMs on for TF32 (a no-op on the CPU).
+    pub fn apply(self) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(self == Self::Tf32);
+    }
+}
 
 #[derive(Debug, Clone)]
 struct FusedStep {

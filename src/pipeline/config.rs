@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::decode::{DEFAULT_SHAPE_COLUMNS, DecodeLimits, ImageColumns, PixelFormat};
-use super::score::ScoreKind;
 use super::{PipelineError, Result};
+use crate::score::ScoreKind;
 
 /// A whole pipeline.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -317,7 +317,7 @@ fn default_precision() -> String {
 
 impl ModelsConfig {
     /// The parsed precision.
-    pub fn precision(&self) -> Result<crate::bench::Precision> {
+    pub fn precision(&self) -> Result<crate::glow::Precision> {
         self.precision
             .parse()
             .map_err(|e: String| PipelineError::Config(format!("models.precision: {e}")))
@@ -335,7 +335,8 @@ fn default_model_batch() -> usize {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FlagConfig {
-    /// Score name: nll, scale_K, last_scale, llr, llr_scale_K.
+    /// Score name: nll, scale_K, last_scale, llr, llr_scale_K, complexity,
+    /// complexity_<codec>, complexity_cond, combined ([`crate::score`]).
     pub score: ScoreKind,
     /// Calibration file written by `glowwatch calibrate`.
     #[serde(default)]
@@ -608,6 +609,12 @@ impl PipelineConfig {
         if self.flag.score.needs_general() && self.models.general.is_none() {
             return bad(format!(
                 "flag.score = \"{}\" needs models.general",
+                self.flag.score
+            ));
+        }
+        if self.flag.score.needs_reference() && self.flag.threshold.is_some() {
+            return bad(format!(
+                "flag.score = \"{}\" needs the complexity reference of a calibration file: give `calibration`, not `threshold`",
                 self.flag.score
             ));
         }

@@ -3,9 +3,10 @@
 //! `status = non_finite` so they are visible, never silently dropped.
 
 use super::config::FlagConfig;
-use super::score::{ImageScores, ModelScorer, ScoreKind};
+use super::score::ModelScorer;
 use super::{PipelineError, Result};
-use crate::eval::calibration::Calibration;
+use crate::score::calibration::Calibration;
+use crate::score::{ImageScores, ScoreKind};
 
 /// `status` column values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +68,14 @@ impl Flagger {
             .as_ref()
             .expect("validated: calibration or threshold");
         let cal = Calibration::load(path).map_err(PipelineError::Config)?;
+        if c.score.needs_reference() && !scorer.has_reference() {
+            return Err(PipelineError::Config(format!(
+                "flag.score = \"{}\" needs a complexity reference and calibration {} has none; run `glowwatch calibrate --score {}`",
+                c.score,
+                path.display(),
+                c.score
+            )));
+        }
         if cal.in_model != scorer.in_model_id() {
             return Err(PipelineError::Config(format!(
                 "calibration {} belongs to model {}, the pipeline's in-distribution model is {}; run `glowwatch calibrate`",
@@ -130,10 +139,7 @@ mod tests {
             score: ScoreKind::Nll,
             threshold: 10.0,
         };
-        let s = |lp: f64| ImageScores {
-            lp_in: vec![lp, 0.0],
-            lp_gen: None,
-        };
+        let s = |lp: f64| ImageScores::from_lp(vec![lp, 0.0], None, 4);
         assert!(!f.flag(&s(-10.0)).is_ood);
         assert!(f.flag(&s(-10.5)).is_ood);
         let nan = f.flag(&s(f64::NAN));

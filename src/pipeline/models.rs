@@ -7,10 +7,13 @@ use tracing::{info, warn};
 
 use super::config::{FlagConfig, PipelineConfig};
 use super::flag::Flagger;
+use std::sync::Arc;
+
 use super::score::ModelScorer;
 use super::{PipelineError, Result};
 use crate::device::DeviceSpec;
 use crate::registry::Registry;
+use crate::score::calibration::Calibration;
 
 fn registry_err(e: crate::registry::RegistryError) -> PipelineError {
     PipelineError::Config(format!("models.registry: {e}"))
@@ -71,6 +74,16 @@ pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
         },
         _ => cfg.flag.clone(),
     };
+    scorer.set_compressors(flag.score.compressor().as_slice());
+    if let Some(path) = &flag.calibration {
+        let cal = Calibration::load(path).map_err(PipelineError::Config)?;
+        // A calibration of other models gets its own error from the flagger below.
+        let general_ok = cal.general_model.is_none()
+            || cal.general_model.as_deref() == scorer.general_model_id();
+        if cal.in_model == scorer.in_model_id() && general_ok {
+            scorer.set_reference(cal.reference.map(Arc::new))?;
+        }
+    }
     let flagger = Flagger::from_config(&flag, &scorer)?;
     Ok((scorer, flagger))
 }

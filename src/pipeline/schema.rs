@@ -22,7 +22,9 @@ pub fn timestamp_type() -> DataType {
 }
 
 /// The columns the score and flag stages append to every input record, for a model with
-/// `scales` scales. General-model columns are null when no general model is configured.
+/// `scales` scales. General-model columns are null when no general model is configured;
+/// `complexity_cond` and `combined` are null without a complexity reference (the calibration
+/// file's), `combined` also without a general model. Definitions: [`crate::score`].
 pub fn score_fields(scales: usize) -> Vec<Field> {
     let f = |n: String, nullable: bool| Field::new(n, DataType::Float64, nullable);
     let mut v = vec![f("log_p".into(), false), f("bpd".into(), false)];
@@ -31,6 +33,12 @@ pub fn score_fields(scales: usize) -> Vec<Field> {
     v.extend((0..scales).map(|k| f(format!("gen_lp_scale_{k}"), true)));
     v.push(f("llr".into(), true));
     v.extend((0..scales).map(|k| f(format!("llr_scale_{k}"), true)));
+    v.extend([
+        f("input_bits".into(), false),
+        f("complexity".into(), false),
+        f("complexity_cond".into(), true),
+        f("combined".into(), true),
+    ]);
     v.extend([
         Field::new("score_name", DataType::Utf8, false),
         f("score".into(), false),

@@ -1,137 +1,21 @@
 //! Score stage: decoded pixels -> per-scale log-likelihoods under the in-distribution model
-//! and, when configured, the general model; and the anomaly scores of the method built from
-//! them (higher = more anomalous; method.md, "Per-scale log-likelihood").
+//! and, when configured, the general model; the compressed sizes of the pixels and, with a
+//! complexity reference, the reference terms; and the columns of every score
+//! ([`crate::score`] defines them).
 
-use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 
 use candle_core::Device;
 
-use crate::bench::Precision;
-
 use super::flag::{Flag, Flagger};
+use crate::glow::Precision;
 use crate::glow::config::GlowConfig;
 use crate::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
 use crate::glow::{GlowError, GlowModel, GlowScorer};
-
-/// An anomaly score of the method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ScoreKind {
-    /// `-log p_in(x)`.
-    Nll,
-    /// `-lp_k,in(x)`: one scale's contribution alone.
-    Scale(usize),
-    /// `-lp_{L-1},in(x)`: the final scale (the method's second fix).
-    LastScale,
-    /// `log p_gen(x) - log p_in(x)`: the likelihood ratio (the method's first fix).
-    Llr,
-    /// `lp_k,gen(x) - lp_k,in(x)`.
-    LlrScale(usize),
-}
-
-impl ScoreKind {
-    /// True when the score needs the general model.
-    pub fn needs_general(self) -> bool {
-        matches!(self, Self::Llr | Self::LlrScale(_))
-    }
-
-    /// Every score available for `scales` scales, with or without a general model.
-    pub fn all(scales: usize, general: bool) -> Vec<ScoreKind> {
-        let mut v = vec![Self::Nll];
-        v.extend((0..scales - 1).map(Self::Scale));
-        v.push(Self::LastScale);
-        if general {
-            v.push(Self::Llr);
-            v.extend((0..scales).map(Self::LlrScale));
-        }
-        v
-    }
-
-    /// The score of one image.
-    pub fn value(self, s: &ImageScores) -> f64 {
-        let l = s.lp_in.len();
-        let gen_ = |k: usize| s.lp_gen.as_ref().map(|g| g[k]).unwrap_or(f64::NAN);
-        match self {
-            Self::Nll => -s.log_p_in(),
-            Self::Scale(k) => -s.lp_in.get(k).copied().unwrap_or(f64::NAN),
-            Self::LastScale => -s.lp_in[l - 1],
-            Self::Llr => s.log_p_gen().unwrap_or(f64::NAN) - s.log_p_in(),
-            Self::LlrScale(k) => gen_(k) - s.lp_in.get(k).copied().unwrap_or(f64::NAN),
-        }
-    }
-}
-
-impl fmt::Display for ScoreKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Nll => write!(f, "nll"),
-            Self::Scale(k) => write!(f, "scale_{k}"),
-            Self::LastScale => write!(f, "last_scale"),
-            Self::Llr => write!(f, "llr"),
-            Self::LlrScale(k) => write!(f, "llr_scale_{k}"),
-        }
-    }
-}
-
-impl FromStr for ScoreKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let num = |p: &str| s.strip_prefix(p).and_then(|k| k.parse::<usize>().ok());
-        Ok(match s {
-            "nll" => Self::Nll,
-            "last_scale" => Self::LastScale,
-            "llr" => Self::Llr,
-            _ => {
-                if let Some(k) = num("llr_scale_") {
-                    Self::LlrScale(k)
-                } else if let Some(k) = num("scale_") {
-                    Self::Scale(k)
-                } else {
-                    return Err(format!(
-                        "unknown score `{s}` (expected nll, scale_K, last_scale, llr or llr_scale_K)"
-                    ));
-                }
-            }
-        })
-    }
-}
-
-impl serde::Serialize for ScoreKind {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for ScoreKind {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// Per-scale log-likelihoods of one image under both models.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ImageScores {
-    /// lp_k under the in-distribution model (nats).
-    pub lp_in: Vec<f64>,
-    /// lp_k under the general model, when configured.
-    pub lp_gen: Option<Vec<f64>>,
-}
-
-impl ImageScores {
-    /// log p_in(x).
-    pub fn log_p_in(&self) -> f64 {
-        self.lp_in.iter().sum()
-    }
-
-    /// log p_gen(x).
-    pub fn log_p_gen(&self) -> Option<f64> {
-        self.lp_gen.as_ref().map(|g| g.iter().sum())
-    }
-}
+use crate::score::complexity::layout;
+use crate::score::{ComplexityReference, Compressor, ImageScores, ScoreKind};
 
 /// The in-distribution model and optionally the general model, ready to score.
 pub struct ModelScorer {
@@ -142,6 +26,8 @@ pub struct ModelScorer {
     general: Option<(GlowScorer, String)>,
     device: Device,
     batch: usize,
+    compressors: Vec<Compressor>,
+    reference: Option<Arc<ComplexityReference>>,
 }
 
 impl ModelScorer {
@@ -186,6 +72,8 @@ impl ModelScorer {
             config: cfg,
             device: device.clone(),
             batch: batch.max(1),
+            compressors: vec![Compressor::Zlib],
+            reference: None,
         })
     }
 
@@ -233,8 +121,107 @@ impl ModelScorer {
         self.config.scales
     }
 
-    /// Scores concatenated (C, S, S) 8-bit images (bin-centre dequantisation), in batches.
+    /// Which compressed sizes [`ModelScorer::score_pixels`] computes (zlib always: the
+    /// `complexity` column needs it). Every codec costs time per image (models/README.md).
+    pub fn set_compressors(&mut self, extra: &[Compressor]) {
+        let mut c = vec![Compressor::Zlib];
+        c.extend(extra.iter().copied().filter(|&x| x != Compressor::Zlib));
+        c.sort();
+        c.dedup();
+        self.compressors = c;
+    }
+
+    /// Attaches the complexity reference of a calibration (for `complexity_cond` and
+    /// `combined`).
+    ///
+    /// Errors: a reference built for another layout size than this model's input.
+    pub fn set_reference(
+        &mut self,
+        reference: Option<Arc<ComplexityReference>>,
+    ) -> Result<(), GlowError> {
+        if let Some(r) = &reference {
+            let want = self.config.in_channels * r.grid * r.grid;
+            if r.layout_dims != want || self.config.image_size % r.grid != 0 {
+                return Err(GlowError::Input(format!(
+                    "the complexity reference holds {} layout values on a {}x{} grid; this model's {}x{}x{} input needs {want}",
+                    r.layout_dims,
+                    r.grid,
+                    r.grid,
+                    self.config.in_channels,
+                    self.config.image_size,
+                    self.config.image_size
+                )));
+            }
+        }
+        self.reference = reference;
+        Ok(())
+    }
+
+    /// Builds a complexity reference from in-distribution images this scorer's models did
+    /// not calibrate on (concatenated (C, S, S) 8-bit pixels): their layouts on an 8 x 8 grid
+    /// (4 x 4 when the size is not a multiple of 8), their S (zlib) and, with a general
+    /// model, their likelihood ratios; k = 20 neighbours ([`crate::score::reference`]).
+    ///
+    /// Errors: fewer than 21 images, or a model failure.
+    pub fn build_reference(
+        &self,
+        pixels: &[u8],
+        data: &str,
+    ) -> Result<ComplexityReference, GlowError> {
+        use crate::score::reference::{DEFAULT_GRID, DEFAULT_K};
+        let (c, size) = (self.config.in_channels, self.config.image_size);
+        let grid = if size % DEFAULT_GRID == 0 {
+            DEFAULT_GRID
+        } else {
+            4
+        };
+        let scores = self.score_pixels_with(pixels, &[Compressor::Zlib], None)?;
+        let mut layouts = Vec::with_capacity(scores.len() * c * grid * grid);
+        for px in pixels.chunks(self.config.dims()) {
+            layouts.extend(layout(px, c, size, grid).map_err(GlowError::Input)?);
+        }
+        let s: Vec<f64> = scores
+            .iter()
+            .map(|x| ScoreKind::Complexity(Compressor::Zlib).value(x))
+            .collect();
+        let llr: Option<Vec<f64>> = self
+            .general
+            .as_ref()
+            .map(|_| scores.iter().map(|x| ScoreKind::Llr.value(x)).collect());
+        ComplexityReference::build(grid, DEFAULT_K, layouts, s, llr.as_deref(), data)
+            .map_err(GlowError::Input)
+    }
+
+    /// True when a complexity reference is attached.
+    pub fn has_reference(&self) -> bool {
+        self.reference.is_some()
+    }
+
+    /// Scores concatenated (C, S, S) 8-bit images (bin-centre dequantisation), in batches:
+    /// log-likelihoods under both models, compressed sizes ([`ModelScorer::set_compressors`])
+    /// and, with a reference, the conditional complexity and the combined score.
     pub fn score_pixels(&self, pixels: &[u8]) -> Result<Vec<ImageScores>, GlowError> {
+        self.score_pixels_with(pixels, &self.compressors, self.reference.as_deref())
+    }
+
+    /// [`ModelScorer::score_pixels`] computing the compressed sizes of `compressors` instead
+    /// of the configured ones (for a query that asks for one codec's score).
+    pub fn score_pixels_for(
+        &self,
+        pixels: &[u8],
+        compressors: &[Compressor],
+    ) -> Result<Vec<ImageScores>, GlowError> {
+        self.score_pixels_with(pixels, compressors, self.reference.as_deref())
+    }
+
+    /// [`ModelScorer::score_pixels`] with explicit input terms: the compressed sizes of
+    /// `compressors` and the terms of `reference` (none of either: the models alone).
+    pub fn score_pixels_with(
+        &self,
+        pixels: &[u8],
+        compressors: &[Compressor],
+        reference: Option<&ComplexityReference>,
+    ) -> Result<Vec<ImageScores>, GlowError> {
         let per = self.config.dims();
         let mut out = Vec::with_capacity(pixels.len() / per.max(1));
         for chunk in pixels.chunks(self.batch * per) {
@@ -245,13 +232,47 @@ impl ModelScorer {
                 None => None,
             };
             for (i, lp) in a.per_scale.into_iter().enumerate() {
-                out.push(ImageScores {
-                    lp_in: lp,
-                    lp_gen: g.as_ref().map(|g| g.per_scale[i].clone()),
-                });
+                out.push(ImageScores::from_lp(
+                    lp,
+                    g.as_ref().map(|g| g.per_scale[i].clone()),
+                    per,
+                ));
             }
         }
+        self.add_input_terms(pixels, &mut out, compressors, reference)?;
         Ok(out)
+    }
+
+    /// Fills the compressed sizes and the reference terms of each image (in parallel: the
+    /// codecs and the neighbour search run on the CPU beside the models).
+    fn add_input_terms(
+        &self,
+        pixels: &[u8],
+        scores: &mut [ImageScores],
+        compressors: &[Compressor],
+        reference: Option<&ComplexityReference>,
+    ) -> Result<(), GlowError> {
+        use rayon::prelude::*;
+        let (c, s) = (self.config.in_channels, self.config.image_size);
+        let per = self.config.dims();
+        scores
+            .par_iter_mut()
+            .zip(pixels.par_chunks(per))
+            .try_for_each(|(sc, px)| -> Result<(), String> {
+                for &codec in compressors {
+                    sc.input_bits[codec.index()] = codec.compressed_bits(px, c, s)?;
+                }
+                if let Some(r) = reference {
+                    let e = r.expected_complexity(&layout(px, c, s, r.grid)?)?;
+                    sc.expected_complexity = Some(e);
+                    sc.combined = r.combined(
+                        ScoreKind::ComplexityCond.value(sc),
+                        sc.log_p_gen().map(|g| g - sc.log_p_in()),
+                    );
+                }
+                Ok(())
+            })
+            .map_err(GlowError::Input)
     }
 }
 
@@ -298,6 +319,11 @@ pub fn scored_batch(
     for k in 0..l {
         cols.push(opt(&|s| s.lp_gen.as_ref().map(|g| g[k] - s.lp_in[k])));
     }
+    cols.push(f64s(&|s| s.input_bits[Compressor::Zlib.index()]));
+    cols.push(f64s(&|s| ScoreKind::Complexity(Compressor::Zlib).value(s)));
+    let with_ref = |k: ScoreKind| move |s: &ImageScores| s.expected_complexity.map(|_| k.value(s));
+    cols.push(opt(&with_ref(ScoreKind::ComplexityCond)));
+    cols.push(opt(&|s| s.combined));
     let flags: Vec<Flag> = scores.iter().map(|s| flagger.flag(s)).collect();
     let name = flagger.score.to_string();
     cols.push(Arc::new(StringArray::from(vec![name.as_str(); n])));
@@ -325,28 +351,4 @@ pub fn scored_batch(
         flags.iter().map(|f| f.status.as_str()),
     )));
     Ok((RecordBatch::try_new(Arc::clone(schema), cols)?, flags))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn score_names_round_trip_and_values_follow_the_method() {
-        for k in ScoreKind::all(3, true) {
-            assert_eq!(k.to_string().parse::<ScoreKind>().unwrap(), k);
-        }
-        assert!("llr_scale_x".parse::<ScoreKind>().is_err());
-        let s = ImageScores {
-            lp_in: vec![-10.0, -5.0, -2.0],
-            lp_gen: Some(vec![-9.0, -7.0, -1.0]),
-        };
-        assert_eq!(ScoreKind::Nll.value(&s), 17.0);
-        assert_eq!(ScoreKind::LastScale.value(&s), 2.0);
-        assert_eq!(ScoreKind::Scale(0).value(&s), 10.0);
-        assert_eq!(ScoreKind::Llr.value(&s), -17.0 + 17.0);
-        assert_eq!(ScoreKind::LlrScale(1).value(&s), -2.0);
-        let no_gen = ImageScores { lp_gen: None, ..s };
-        assert!(ScoreKind::Llr.value(&no_gen).is_nan());
-    }
 }

@@ -9,7 +9,9 @@
 //! | `ood_lp_scale(image, k)` | lp_k under the in-distribution model |
 //! | `ood_gen_log_p(image)` | log p_gen(x) (needs a general model) |
 //! | `ood_llr(image)` | log p_gen(x) - log p_in(x) (needs a general model) |
+//! | `ood_complexity(image)` | input complexity S = -log2 P_in(x) - L_zlib(x), bits |
 //! | `ood_score(image)` | the configured score (the pipeline's `flag.score`) |
+//! | `ood_score(image, 'name')` | any score by name ([`crate::score`]), if its models and reference are there |
 //! | `log_p_to_bpd(log_p, dims)`, `bpd_to_log_p(bpd, dims)` | conversions |
 //!
 //! An image that cannot be decoded scores NULL (the pipeline would dead-letter it).
@@ -22,12 +24,15 @@ use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::common::{Result, ScalarValue, exec_err, plan_err};
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature,
+    Volatility,
 };
 
 use crate::glow::bits_per_dim;
 use crate::pipeline::decode::{DecodeLimits, binary_values, decode_values, is_byte_column};
-use crate::pipeline::score::{ImageScores, ModelScorer, ScoreKind};
+use crate::pipeline::score::ModelScorer;
+use crate::score::calibration::Calibration;
+use crate::score::{Compressor, ImageScores, ScoreKind};
 
 /// The models behind the scoring UDFs.
 pub struct SqlModels {
@@ -50,17 +55,30 @@ impl std::fmt::Debug for SqlModels {
 }
 
 impl SqlModels {
-    /// Loads `model` (and `general`) on `device` in f32.
+    /// Loads `model` (and `general`) on `device` in f32, with the complexity reference of
+    /// `calibration` when it names one and belongs to these models.
     pub fn load(
         model: &std::path::Path,
         general: Option<&std::path::Path>,
+        calibration: Option<&std::path::Path>,
         device: crate::device::DeviceSpec,
         batch: usize,
         score: ScoreKind,
         limits: DecodeLimits,
     ) -> anyhow::Result<Self> {
+        let mut scorer =
+            ModelScorer::load(model, general, device, crate::glow::Precision::F32, batch)?;
+        if let Some(path) = calibration {
+            let cal = Calibration::load(path).map_err(anyhow::Error::msg)?;
+            let general_ok = cal.general_model.is_none()
+                || cal.general_model.as_deref() == scorer.general_model_id();
+            if cal.in_model == scorer.in_model_id() && general_ok {
+                scorer.set_reference(cal.reference.map(Arc::new))?;
+            }
+        }
+        scorer.set_compressors(score.compressor().as_slice());
         Ok(Self {
-            scorer: ModelScorer::load(model, general, device, crate::bench::Precision::F32, batch)?,
+            scorer,
             score,
             limits,
         })
@@ -76,6 +94,7 @@ impl SqlModels {
         Self::load(
             &model,
             cfg.models.general.as_deref(),
+            cfg.flag.calibration.as_deref(),
             device,
             cfg.models.batch,
             cfg.flag.score,
@@ -83,17 +102,29 @@ impl SqlModels {
         )
     }
 
-    /// Decodes and scores one array of images; `None` where a row does not decode.
+    /// Decodes and scores one array of images with the configured compressed sizes; `None`
+    /// where a row does not decode.
     pub fn score_array(&self, images: &ArrayRef) -> Result<Vec<Option<ImageScores>>> {
+        self.score_array_for(images, None)
+    }
+
+    /// [`SqlModels::score_array`], computing `kind`'s compressed size when it needs one.
+    fn score_array_for(
+        &self,
+        images: &ArrayRef,
+        kind: Option<ScoreKind>,
+    ) -> Result<Vec<Option<ImageScores>>> {
         let bytes = binary_values(images).map_err(|e| DataFusionError::External(e.into()))?;
         let decoded = decode_values(&bytes, self.scorer.config(), &self.limits);
         let mut pixels = Vec::new();
         for px in decoded.iter().flatten() {
             pixels.extend_from_slice(px);
         }
-        let mut scores = self
-            .scorer
-            .score_pixels(&pixels)
+        let scored = match kind.and_then(|k| k.compressor()) {
+            Some(c) => self.scorer.score_pixels_for(&pixels, &[c]),
+            None => self.scorer.score_pixels(&pixels),
+        };
+        let mut scores = scored
             .map_err(|e| DataFusionError::External(e.into()))?
             .into_iter();
         Ok(decoded
@@ -111,6 +142,7 @@ enum Output {
     LpScale,
     GenLogP,
     Llr,
+    Complexity,
     Score,
 }
 
@@ -154,6 +186,12 @@ impl ScalarUDFImpl for ScoreUdf {
                 args[0]
             );
         }
+        if self.output == Output::Score && args.len() == 2 && !is_string(&args[1]) {
+            return plan_err!(
+                "ood_score(image, name): name must be a score name (a string), got {}",
+                args[1]
+            );
+        }
         if self.output == Output::LpScale && !args[1].is_integer() {
             return plan_err!(
                 "ood_lp_scale(image, k): k must be an integer, got {}",
@@ -187,8 +225,12 @@ impl ScalarUDFImpl for ScoreUdf {
             _ => None,
         };
         let dims = self.models.scorer.config().dims();
-        let score = self.models.score;
-        let scores = self.models.score_array(&images)?;
+        let score = match (self.output, args.args.get(1)) {
+            (Output::Score, Some(arg)) => self.named_score(arg)?,
+            (Output::Complexity, _) => ScoreKind::Complexity(Compressor::Zlib),
+            _ => self.models.score,
+        };
+        let scores = self.models.score_array_for(&images, Some(score))?;
         let out: Float64Array = scores
             .iter()
             .map(|s| {
@@ -198,12 +240,44 @@ impl ScalarUDFImpl for ScoreUdf {
                     Output::LpScale => s.lp_in[scale.expect("set above")],
                     Output::GenLogP => s.log_p_gen().unwrap_or(f64::NAN),
                     Output::Llr => ScoreKind::Llr.value(s),
-                    Output::Score => score.value(s),
+                    Output::Complexity | Output::Score => score.value(s),
                 })
             })
             .collect();
         Ok(ColumnarValue::Array(Arc::new(out)))
     }
+}
+
+impl ScoreUdf {
+    /// The score named by `ood_score`'s second argument, if these models can compute it.
+    fn named_score(&self, arg: &ColumnarValue) -> Result<ScoreKind> {
+        let name = match arg {
+            ColumnarValue::Scalar(s) => match s.cast_to(&DataType::Utf8)? {
+                ScalarValue::Utf8(Some(n)) => n,
+                other => return exec_err!("ood_score(image, name): name is {other}"),
+            },
+            ColumnarValue::Array(_) => {
+                return exec_err!("ood_score(image, name): name must be a constant");
+            }
+        };
+        let k: ScoreKind = name
+            .parse()
+            .map_err(|e: String| DataFusionError::Execution(format!("ood_score: {e}")))?;
+        let scorer = &self.models.scorer;
+        if k.needs_general() && scorer.general_model_id().is_none() {
+            return exec_err!("ood_score(image, '{k}'): the score needs a general model");
+        }
+        if k.needs_reference() && !scorer.has_reference() {
+            return exec_err!(
+                "ood_score(image, '{k}'): the score needs the complexity reference of a calibration file (glowwatch calibrate --holdout F)"
+            );
+        }
+        Ok(k)
+    }
+}
+
+fn is_string(t: &DataType) -> bool {
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
 }
 
 /// `log_p_to_bpd(log_p, dims)` and `bpd_to_log_p(bpd, dims)`.
@@ -277,6 +351,7 @@ pub fn scoring_udfs(models: Arc<SqlModels>) -> Vec<ScalarUDF> {
     let mut v = vec![
         ("ood_log_p", Output::LogP, one()),
         ("ood_bpd", Output::Bpd, one()),
+        ("ood_complexity", Output::Complexity, one()),
         (
             "ood_lp_scale",
             Output::LpScale,
@@ -287,8 +362,17 @@ pub fn scoring_udfs(models: Arc<SqlModels>) -> Vec<ScalarUDF> {
         v.push(("ood_gen_log_p", Output::GenLogP, one()));
         v.push(("ood_llr", Output::Llr, one()));
     }
-    if general || !models.score.needs_general() {
-        v.push(("ood_score", Output::Score, one()));
+    if (general || !models.score.needs_general())
+        && (models.scorer.has_reference() || !models.score.needs_reference())
+    {
+        v.push((
+            "ood_score",
+            Output::Score,
+            Signature::one_of(
+                vec![TypeSignature::Any(1), TypeSignature::Any(2)],
+                Volatility::Immutable,
+            ),
+        ));
     }
     v.into_iter()
         .map(|(name, output, signature)| {

@@ -99,7 +99,7 @@ pub struct ImageDataset {
 }
 
 /// A batch of decoded images, (C, S, S) 8-bit pixels each, concatenated.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PixelBatch {
     /// n * C * S * S bytes.
     pub pixels: Vec<u8>,

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::score::ScoreKind;
+use super::ScoreKind;
+use super::reference::ComplexityReference;
 
 /// A calibrated threshold of one score.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,13 +43,22 @@ pub struct Calibration {
     pub general_model: Option<String>,
     /// Threshold per score name.
     pub thresholds: BTreeMap<ScoreKind, Threshold>,
+    /// Reference inliers of the conditional-complexity and combined scores, when calibrated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ComplexityReference>,
 }
 
 impl Calibration {
-    /// Reads a calibration file.
+    /// Reads a calibration file (and checks its complexity reference, if any).
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+        let c: Self =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(r) = &c.reference {
+            r.validate()
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(c)
     }
 
     /// Writes it atomically.
