@@ -43,17 +43,13 @@ fn small_model(dir: &Path, name: &str, seed: u64) -> std::path::PathBuf {
     p
 }
 
-#[test]
-fn eval_writes_table_json_and_plots_and_calibrate_stores_thresholds() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = small_model(dir.path(), "in.safetensors", 1);
-    let g = small_model(dir.path(), "gen.safetensors", 2);
-    let out = dir.path().join("eval");
+/// `glowwatch eval` of 300 Fashion-MNIST test images against 300 digits; its table.
+fn eval_digits(m: &Path, g: &Path, out: &Path) -> String {
     let o = bin()
         .args(["eval", "--device", "cpu", "--max-rows", "300", "--model"])
-        .arg(&m)
+        .arg(m)
         .arg("--general")
-        .arg(&g)
+        .arg(g)
         .arg("--in-data")
         .arg(common::shared("fashion_mnist_test.parquet"))
         .arg("--ood")
@@ -62,15 +58,25 @@ fn eval_writes_table_json_and_plots_and_calibrate_stores_thresholds() {
             common::shared("mnist.parquet").display()
         ))
         .arg("--out-dir")
-        .arg(&out)
+        .arg(out)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
         o.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    stdout
+}
+
+#[test]
+fn eval_writes_table_json_and_plots_and_calibrate_stores_thresholds() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = small_model(dir.path(), "in.safetensors", 1);
+    let g = small_model(dir.path(), "gen.safetensors", 2);
+    let out = dir.path().join("eval");
+    let stdout = eval_digits(&m, &g, &out);
     for score in [
         "nll",
         "scale_0",
@@ -168,24 +174,7 @@ fn reference_scores_are_calibrated_then_evaluated_with_recall_at_the_threshold()
     let o = calibrate(&["--holdout", "0.2", "--reference-rows", "600"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = dir.path().join("eval");
-    let o = bin()
-        .args(["eval", "--device", "cpu", "--max-rows", "300", "--model"])
-        .arg(&m)
-        .arg("--general")
-        .arg(&g)
-        .arg("--in-data")
-        .arg(common::shared("fashion_mnist_test.parquet"))
-        .arg("--ood")
-        .arg(format!(
-            "digits={}",
-            common::shared("mnist.parquet").display()
-        ))
-        .arg("--out-dir")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = eval_digits(&m, &g, &out);
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     let results = json["results"].as_array().unwrap();

@@ -796,6 +796,11 @@ fn shipped_pipeline_configs_fit_the_shipped_models() {
                 "{name}: no threshold for {}",
                 cfg.flag.score
             );
+            assert!(
+                !cfg.flag.score.needs_reference() || cal.reference.is_some(),
+                "{name}: {} needs the calibration's complexity reference",
+                cfg.flag.score
+            );
         }
         checked.push(name);
     }

@@ -131,9 +131,7 @@ pub(super) fn matching_calibration(
         return Ok(None);
     }
     let cal = Calibration::load(&p).map_err(anyhow::Error::msg)?;
-    let general_ok =
-        cal.general_model.is_none() || cal.general_model.as_deref() == scorer.general_model_id();
-    if cal.in_model != scorer.in_model_id() || !general_ok {
+    if !cal.belongs_to(scorer.in_model_id(), scorer.general_model_id()) {
         let msg = format!(
             "calibration {} belongs to models {} / {:?}, not {} / {:?}",
             p.display(),

@@ -78,9 +78,7 @@ pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
     if let Some(path) = &flag.calibration {
         let cal = Calibration::load(path).map_err(PipelineError::Config)?;
         // A calibration of other models gets its own error from the flagger below.
-        let general_ok = cal.general_model.is_none()
-            || cal.general_model.as_deref() == scorer.general_model_id();
-        if cal.in_model == scorer.in_model_id() && general_ok {
+        if cal.belongs_to(scorer.in_model_id(), scorer.general_model_id()) {
             scorer.set_reference(cal.reference.map(Arc::new))?;
         }
     }

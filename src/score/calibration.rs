@@ -67,6 +67,13 @@ impl Calibration {
         crate::fsutil::write_atomic(path, text.as_bytes())
     }
 
+    /// True when the calibration was made for these models: the same in-distribution model, and
+    /// the same general model unless it was calibrated without one.
+    pub fn belongs_to(&self, in_model: &str, general_model: Option<&str>) -> bool {
+        self.in_model == in_model
+            && (self.general_model.is_none() || self.general_model.as_deref() == general_model)
+    }
+
     /// The default calibration path of a model file.
     pub fn path_for_model(model: &Path) -> std::path::PathBuf {
         model.with_extension("calibration.json")

@@ -70,9 +70,7 @@ impl SqlModels {
             ModelScorer::load(model, general, device, crate::glow::Precision::F32, batch)?;
         if let Some(path) = calibration {
             let cal = Calibration::load(path).map_err(anyhow::Error::msg)?;
-            let general_ok = cal.general_model.is_none()
-                || cal.general_model.as_deref() == scorer.general_model_id();
-            if cal.in_model == scorer.in_model_id() && general_ok {
+            if cal.belongs_to(scorer.in_model_id(), scorer.general_model_id()) {
                 scorer.set_reference(cal.reference.map(Arc::new))?;
             }
         }
