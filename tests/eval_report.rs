@@ -194,6 +194,41 @@ fn reference_scores_are_calibrated_then_evaluated_with_recall_at_the_threshold()
         }
     }
     assert!(stdout.contains("recall@cal") && stdout.contains("combined"));
+
+    // The figures go into the model card; the weights and the id stay.
+    let id = GlowModel::load(&m, &Device::Cpu)
+        .unwrap()
+        .model_id()
+        .unwrap();
+    let card = |model: &Path| {
+        bin()
+            .args(["model", "card"])
+            .arg(model)
+            .arg("--detection")
+            .arg(out.join("eval.json"))
+            .args(["--score", "combined", "--measured", "test eval"])
+            .output()
+            .unwrap()
+    };
+    let o = card(&m);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let after = GlowModel::load(&m, &Device::Cpu).unwrap();
+    assert_eq!(after.model_id().unwrap(), id);
+    let d = after.card.detection.expect("detection figures in the card");
+    let want = results.iter().find(|r| r["score"] == "combined").unwrap();
+    assert_eq!(d.score, "combined");
+    assert_eq!(d.results.len(), 1);
+    assert_eq!(d.results[0].ood, "digits");
+    assert_eq!(d.results[0].auroc, want["auroc"].as_f64().unwrap());
+    assert_eq!(
+        d.results[0].recall_at_threshold,
+        want["calibrated"]["recall"].as_f64()
+    );
+    assert!(d.measured.starts_with("test eval"));
+    // Another model's evaluation is refused.
+    let o = card(&g);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("evaluates model"));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Scheduled retraining end to end on a small real window: a batch pipeline scores Fashion-MNIST
 //! images with the registry's current version (named in every row); `retrain` selects them with
-//! SQL, fine-tunes, evaluates against MNIST, promotes and recalibrates; a failing gate keeps the
+//! SQL, fine-tunes, evaluates against MNIST by conditional complexity (a complexity reference is
+//! built for each model), promotes and recalibrates; a failing gate keeps the
 //! current version (exit 3); a second retrain while one holds the lock exits 75 with a message.
 
 #![cfg(feature = "sql")]
@@ -68,7 +69,7 @@ batch = 32
 lr = 0.002
 warmup = 5
 [evaluate]
-score = "nll"
+score = "complexity_cond"
 reference_ood = ["{mnist}"]
 reference_rows = 300
 [gates]
@@ -143,6 +144,14 @@ path = "dead"
     assert_eq!(v2.name, "v0002");
     let cal = glowwatch::score::calibration::Calibration::load(&v2.calibration()).unwrap();
     assert_eq!(cal.in_model, r.candidate.model_id);
+    // The gated score needs a complexity reference: the new version's calibration carries one,
+    // built from the selection's training rows (never its held-out rows).
+    let reference = cal.reference.as_ref().expect("a complexity reference");
+    assert_eq!(reference.len(), r.rows_sampled - r.holdout_rows);
+    assert!(
+        cal.thresholds
+            .contains_key(&"complexity_cond".parse().unwrap())
+    );
     assert!(v2.dir.join("retrain.json").is_file());
     assert!(r.current.auroc.contains_key("mnist") && r.candidate.auroc.contains_key("mnist"));
 

@@ -149,14 +149,33 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
     ];
     let variants = &variants[..if reference.is_some() { 3 } else { 2 }];
     let mut rates = vec![Vec::new(); variants.len()];
-    for _ in 0..a.rounds.max(1) {
-        for (i, (_, c, r)) in variants.iter().enumerate() {
+    let mut alone = Vec::new();
+    for round in 0..a.rounds.max(1) {
+        // Rotate the order each round so no variant always runs first or last.
+        for j in 0..variants.len() {
+            let i = (j + round) % variants.len();
+            let (_, c, r) = variants[i];
             let t = Instant::now();
-            scorer.score_pixels_with(&pixels, c, *r)?;
+            scorer.score_pixels_with(&pixels, c, r)?;
             rates[i].push(n as f64 / t.elapsed().as_secs_f64());
         }
+        let t = Instant::now();
+        input_terms_alone(&pixels, &cfg, variants.last().expect("variants"))?;
+        alone.push(n as f64 / t.elapsed().as_secs_f64());
     }
     let medians: Vec<f64> = rates.iter_mut().map(|r| median(r)).collect();
+    // Each codec alone on one core (the scores of other codecs pay this per image).
+    let codecs: Vec<(Compressor, f64)> = Compressor::ALL
+        .iter()
+        .map(|&c| -> Result<(Compressor, f64)> {
+            let t = Instant::now();
+            for px in pixels.chunks(cfg.dims()) {
+                c.compressed_bits(px, cfg.in_channels, cfg.image_size)
+                    .map_err(anyhow::Error::msg)?;
+            }
+            Ok((c, n as f64 / t.elapsed().as_secs_f64()))
+        })
+        .collect::<Result<_>>()?;
     let pure = *medians.last().expect("variants");
 
     // The whole pipeline.
@@ -208,6 +227,18 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
             m / medians[0]
         );
     }
+    println!(
+        "{:<44} {:>12.0}",
+        "input terms alone images/s (last variant)",
+        median(&mut alone)
+    );
+    for (c, r) in &codecs {
+        println!(
+            "{:<44} {:>12.0}",
+            format!("codec {c} alone, images/s on 1 core"),
+            r
+        );
+    }
     println!("{:<44} {:>12}", "pipeline flags by", score.to_string());
     println!(
         "{:<44} {:>12.0}",
@@ -225,6 +256,29 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     Ok(())
+}
+
+/// The compressed sizes and reference terms of every image without the models, in parallel
+/// as the scorer computes them: what the input terms cost on their own.
+fn input_terms_alone(
+    pixels: &[u8],
+    cfg: &crate::glow::GlowConfig,
+    variant: &(&str, &[Compressor], Option<&ComplexityReference>),
+) -> Result<()> {
+    use rayon::prelude::*;
+    let (c, s) = (cfg.in_channels, cfg.image_size);
+    pixels
+        .par_chunks(cfg.dims())
+        .try_for_each(|px| -> Result<(), String> {
+            for codec in variant.1 {
+                codec.compressed_bits(px, c, s)?;
+            }
+            if let Some(r) = variant.2 {
+                r.expected_complexity(&crate::score::complexity::layout(px, c, s, r.grid)?)?;
+            }
+            Ok(())
+        })
+        .map_err(anyhow::Error::msg)
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -203,12 +203,13 @@ impl ComplexityReference {
             if skip == Some(i) {
                 continue;
             }
+            // u8 differences squared fit u16; summed in u32 (64 values: < 2^22).
             let d: u32 = row
                 .iter()
                 .zip(layout)
                 .map(|(&a, &b)| {
-                    let e = a as i32 - b as i32;
-                    (e * e) as u32
+                    let e = a.abs_diff(b) as u32;
+                    e * e
                 })
                 .sum();
             if best.len() < self.k || d < best[best.len() - 1].0 {
