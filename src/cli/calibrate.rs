@@ -167,9 +167,13 @@ fn build_reference(a: &CalibrateArgs, scorer: &ModelScorer) -> Result<Option<Com
         (None, Some(f)) => (&a.data, Split::Train(f)),
         (None, None) => return Ok(None),
     };
-    let data =
-        ImageDataset::open_columns(&[path.clone()], &a.image.columns(), "id", scorer.config())?
-            .with_split(split);
+    let data = ImageDataset::open_columns(
+        std::slice::from_ref(path),
+        &a.image.columns(),
+        "id",
+        scorer.config(),
+    )?
+    .with_split(split);
     let mut skipped = SkippedRows::default();
     let batch = data.read_head(a.reference_rows, &mut skipped)?;
     let desc = format!(

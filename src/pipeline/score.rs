@@ -141,7 +141,7 @@ impl ModelScorer {
     ) -> Result<(), GlowError> {
         if let Some(r) = &reference {
             let want = self.config.in_channels * r.grid * r.grid;
-            if r.layout_dims != want || self.config.image_size % r.grid != 0 {
+            if r.layout_dims != want || !self.config.image_size.is_multiple_of(r.grid) {
                 return Err(GlowError::Input(format!(
                     "the complexity reference holds {} layout values on a {}x{} grid; this model's {}x{}x{} input needs {want}",
                     r.layout_dims,
@@ -170,7 +170,7 @@ impl ModelScorer {
     ) -> Result<ComplexityReference, GlowError> {
         use crate::score::reference::{DEFAULT_GRID, DEFAULT_K};
         let (c, size) = (self.config.in_channels, self.config.image_size);
-        let grid = if size % DEFAULT_GRID == 0 {
+        let grid = if size.is_multiple_of(DEFAULT_GRID) {
             DEFAULT_GRID
         } else {
             4

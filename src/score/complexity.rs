@@ -177,7 +177,7 @@ impl std::fmt::Display for Compressor {
 ///
 /// Errors: `size` not a multiple of `grid`, or a buffer of the wrong length.
 pub fn layout(pixels: &[u8], channels: usize, size: usize, grid: usize) -> Result<Vec<u8>, String> {
-    if grid == 0 || size % grid != 0 {
+    if grid == 0 || !size.is_multiple_of(grid) {
         return Err(format!(
             "layout: a {size}x{size} image cannot be split into {grid}x{grid} blocks"
         ));

@@ -130,7 +130,7 @@ impl ComplexityReference {
                 "complexity reference: {n} rows for k = {k} neighbours (need at least k + 1)"
             ));
         }
-        if layouts.len() % n != 0 || llr.is_some_and(|l| l.len() != n) {
+        if !layouts.len().is_multiple_of(n) || llr.is_some_and(|l| l.len() != n) {
             return Err(format!(
                 "complexity reference: {} layout bytes / {} llr values for {n} rows",
                 layouts.len(),
