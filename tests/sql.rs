@@ -397,3 +397,70 @@ fn command_formats_and_shell() {
     assert!(out.contains("| 500 |"), "{out}");
     assert!(err.contains("No field named nope"), "{err}");
 }
+
+/// `ood_score(image, 'combined')` with the shipped models finds the complexity reference in the
+/// model's calibration file and gives the values the batch scorer gives.
+#[test]
+fn reference_scores_in_sql_come_from_the_model_calibration() {
+    use glowwatch::glow::{GlowModel, Precision};
+    use glowwatch::pipeline::score::ModelScorer;
+    use glowwatch::score::ScoreKind;
+    use glowwatch::score::calibration::Calibration;
+    use glowwatch::train::data::{ImageDataset, SkippedRows};
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (m, g) = (
+        repo.join("models/fashion-mnist-outlier.safetensors"),
+        repo.join("models/general-mix.safetensors"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rows = common::subset(
+        &common::shared("mnist.parquet"),
+        40,
+        40,
+        &dir.path().join("d.parquet"),
+    );
+    let table = format!("d={}", rows.display());
+    let (ok, out, err) = glowwatch(
+        &[
+            "sql",
+            "--device",
+            "cpu",
+            "--format",
+            "csv",
+            "--table",
+            &table,
+            "--model",
+            m.to_str().unwrap(),
+            "--general",
+            g.to_str().unwrap(),
+            "SELECT ood_score(image, 'combined') AS c FROM d ORDER BY id",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let got: Vec<f64> = out.lines().skip(1).map(|l| l.parse().unwrap()).collect();
+    let dev = candle_core::Device::Cpu;
+    let (mm, gm) = (
+        GlowModel::load(&m, &dev).unwrap(),
+        GlowModel::load(&g, &dev).unwrap(),
+    );
+    let mut scorer = ModelScorer::new(&mm, Some(&gm), &dev, Precision::F32, 256).unwrap();
+    let cal = Calibration::load(&Calibration::path_for_model(&m)).unwrap();
+    scorer
+        .set_reference(cal.reference.map(std::sync::Arc::new))
+        .unwrap();
+    let px = ImageDataset::open(&[rows], "image", "id", scorer.config())
+        .unwrap()
+        .read_head(40, &mut SkippedRows::default())
+        .unwrap();
+    let want: Vec<f64> = scorer
+        .score_pixels(&px.pixels)
+        .unwrap()
+        .iter()
+        .map(|s| ScoreKind::Combined.value(s))
+        .collect();
+    assert_eq!(got.len(), 40);
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{a} vs {b}");
+    }
+}
