@@ -560,6 +560,7 @@ pub fn retrain(cfg: &RetrainConfig, progress: &Progress) -> Result<RetrainReport
         notes: serde_json::to_string(&options)?,
         // Measured by `glowwatch model card --detection` after an evaluation.
         detection: None,
+        imported_from: None,
     };
     let cand_path = work.join("candidate.safetensors");
     let cand_id = candidate.save(&cand_path)?;

@@ -1,5 +1,6 @@
-//! `glowwatch model new|info|sample|card`: create, inspect and sample model files, and record
-//! detection figures in their cards.
+//! `glowwatch model new|info|sample|card|import-torch`: create, inspect and sample model files,
+//! record detection figures in their cards, and import checkpoints of the paper authors'
+//! PyTorch code.
 
 use std::path::PathBuf;
 
@@ -9,7 +10,9 @@ use clap::Subcommand;
 
 use crate::bench::random_batch;
 use crate::device::DeviceSpec;
+use crate::glow::config::ResizeMode;
 use crate::glow::file::{DetectionCard, DetectionResult, now_rfc3339};
+use crate::glow::torch::{ImportOptions, import_file};
 use crate::glow::{GlowModel, ModelCard};
 use crate::score::ScoreKind;
 
@@ -48,6 +51,27 @@ pub enum ModelCommand {
         /// How the figures were produced (e.g. the eval command).
         #[arg(long, default_value = "")]
         measured: String,
+    },
+    /// Import a Glow checkpoint saved by the paper authors' PyTorch code (invglow's
+    /// `create_glow_model`): the whole pickled module (`torch.save(model, f)`) or its state
+    /// dict; no Python needed. Writes one of our model files; the card records the source
+    /// checkpoint's SHA-256.
+    ImportTorch {
+        /// The torch checkpoint (`.th`, `.pt`, `.pth`; torch >= 1.6 zip format).
+        checkpoint: PathBuf,
+        /// Output model file (.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+        /// How images that are not 32x32 reach the model's size: `pad` (zero padding, as the
+        /// authors' code does for 28x28 images), `bilinear`, or `none`.
+        #[arg(long, default_value = "pad")]
+        resize: String,
+        /// Name written into the model card (default: the checkpoint's file stem).
+        #[arg(long)]
+        name: Option<String>,
+        /// What the model was trained on, for the model card.
+        #[arg(long)]
+        trained_on: Option<String>,
     },
     /// Print a model file's id, config, card and size.
     Info {
@@ -112,6 +136,40 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             let saved = model.save(&path)?;
             anyhow::ensure!(saved == id, "model id changed from {id} to {saved}");
             println!("{}", serde_json::to_string_pretty(&model.card.detection)?);
+        }
+        ModelCommand::ImportTorch {
+            checkpoint,
+            out,
+            resize,
+            name,
+            trained_on,
+        } => {
+            let resize: ResizeMode = serde_json::from_value(serde_json::json!(resize))
+                .map_err(|_| anyhow::anyhow!("--resize must be pad, bilinear or none"))?;
+            let mut opts = ImportOptions {
+                resize,
+                name,
+                ..ImportOptions::default()
+            };
+            if let Some(t) = trained_on {
+                opts.trained_on = t;
+            }
+            let imported = import_file(&checkpoint, &opts)
+                .with_context(|| format!("importing {}", checkpoint.display()))?;
+            let model = imported.model;
+            let id = model.save(&out)?;
+            let cfg = model.config();
+            println!(
+                "imported {} ({}): {} channel(s), {} scales, K = {}, width {}, {} parameters",
+                checkpoint.display(),
+                imported.form.as_str(),
+                cfg.in_channels,
+                cfg.scales,
+                cfg.steps,
+                cfg.hidden,
+                model.param_count()
+            );
+            println!("{id}  {}", out.display());
         }
         ModelCommand::Info { path } => {
             let model = GlowModel::load(&path, &Device::Cpu)?;

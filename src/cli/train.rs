@@ -320,6 +320,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
                 "val": if a.val.is_empty() { format!("{} held out of the training files", a.val_fraction) } else { val_set.describe() },
             }))?,
             detection: None,
+            imported_from: None,
         };
         let id = model.save(&out)?;
         println!(

@@ -26,6 +26,31 @@ pub struct GlowConfig {
     /// How raw images become model inputs.
     #[serde(default)]
     pub preprocess: PreprocessConfig,
+    /// Distribution the exit latents are scored under. Omitted from the stored config while it
+    /// is the default, so the ids of models written before this key existed do not change.
+    #[serde(default, skip_serializing_if = "Prior::is_standard_normal")]
+    pub prior: Prior,
+}
+
+/// The prior of the exit latents (after each exit ActNorm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prior {
+    /// N(0, I): method.md's prior, and what glowwatch trains.
+    #[default]
+    StandardNormal,
+    /// N(m, diag(exp(2 s))) with one fixed mean m_d and log-std s_d per exit dimension
+    /// (`scale{k}.exit.prior_mean`, `scale{k}.exit.prior_logstd`, never trained): the
+    /// `NClassIndependentDist` of the paper authors' code (one class), which their models carry
+    /// and which `glowwatch model import-torch` maps.
+    DiagonalGaussian,
+}
+
+impl Prior {
+    /// Whether this is the default N(0, I).
+    pub fn is_standard_normal(&self) -> bool {
+        *self == Prior::StandardNormal
+    }
 }
 
 fn default_image_size() -> usize {
@@ -86,6 +111,7 @@ impl GlowConfig {
             steps: 32,
             hidden: 512,
             preprocess: PreprocessConfig::default(),
+            prior: Prior::StandardNormal,
         }
     }
 

@@ -45,6 +45,21 @@ pub struct ModelCard {
     /// How well the model detects out-of-distribution images with its recommended score,
     /// as last measured (`glowwatch model card --detection`). Not part of the model id.
     pub detection: Option<DetectionCard>,
+    /// The checkpoint this model was imported from, when it was (`glowwatch model
+    /// import-torch`).
+    pub imported_from: Option<ImportedFrom>,
+}
+
+/// Where an imported model's weights came from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImportedFrom {
+    /// File name of the source checkpoint.
+    pub file: String,
+    /// SHA-256 of the source checkpoint's bytes (hex).
+    pub sha256: String,
+    /// Which form the checkpoint was (whole module or state dict).
+    pub form: String,
 }
 
 /// The detection figures of a model card: one score, measured against named OOD sets.
@@ -134,8 +149,8 @@ impl GlowModel {
         self.glow.init_from_data(x, &ParamWriter::new(&self.varmap))
     }
 
-    /// Adds N(0, scale^2) noise to every trainable parameter (not the fixed permutation and
-    /// signs of the 1x1 convs). A fresh model's couplings are exact linear maps (their last conv
+    /// Adds N(0, scale^2) noise to every trainable parameter (not the fixed ones, see
+    /// [`super::is_fixed_param`]). A fresh model's couplings are exact linear maps (their last conv
     /// starts at zero), so checks that must exercise the coupling networks, such as
     /// `glowwatch doctor` and the layer tests, perturb first.
     pub fn perturb(&self, seed: u64, scale: f64) -> Result<()> {
@@ -146,10 +161,7 @@ impl GlowModel {
         let mut names: Vec<&String> = data.keys().collect();
         names.sort();
         for name in names {
-            if super::invconv::FIXED_PARAMS
-                .iter()
-                .any(|f| name.ends_with(&format!(".{f}")))
-            {
+            if super::is_fixed_param(name) {
                 continue;
             }
             let t = data[name].as_tensor();
@@ -181,17 +193,12 @@ impl GlowModel {
         GlowScorer::with_state_dtype(&self.glow, device, dtype, state)
     }
 
-    /// The trainable variables (everything but the fixed permutation and signs of the 1x1
-    /// convs), sorted by name so optimizer state lines up across runs and checkpoints.
+    /// The trainable variables (everything but [`super::is_fixed_param`]), sorted by name so optimizer state lines up across runs and checkpoints.
     pub fn trainable_vars(&self) -> Vec<(String, candle_core::Var)> {
         let data = self.varmap.data().lock().expect("varmap lock");
         let mut named: Vec<(String, candle_core::Var)> = data
             .iter()
-            .filter(|(k, _)| {
-                !super::invconv::FIXED_PARAMS
-                    .iter()
-                    .any(|f| k.ends_with(&format!(".{f}")))
-            })
+            .filter(|(k, _)| !super::is_fixed_param(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));

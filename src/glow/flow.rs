@@ -87,13 +87,14 @@ pub struct FlowOutput {
     pub flow_logdet: Vec<Tensor>,
     /// A_k: exit ActNorm log-determinant of scale k, (N) each.
     pub exit_logdet: Vec<Tensor>,
-    /// P_k: N(0, I) log-density of the exit-k latents, (N) each.
+    /// P_k: prior log-density of the exit-k ActNorm outputs, (N) each.
     pub prior: Vec<Tensor>,
-    /// The standard-normal latents y_k of each exit, (N, C_k, H_k, W_k).
+    /// The latents of each exit that are N(0, I) under the model (the exit ActNorm outputs,
+    /// standardised by the prior's mean and std when it has them), (N, C_k, H_k, W_k).
     pub latents: Vec<Tensor>,
     /// Sum of every log-determinant, accumulated layer by layer in a single running sum (N).
     pub total_logdet: Tensor,
-    /// N(0, I) log-density of all latents concatenated (N).
+    /// Prior log-density of all latents, computed over their concatenation (N).
     pub total_prior: Tensor,
 }
 
@@ -138,7 +139,12 @@ impl Glow {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let exit = Exit::new(vs.pp("exit"), shape.exit_channels, shape.size)?;
+            let exit = Exit::new(
+                vs.pp("exit"),
+                shape.exit_channels,
+                shape.size,
+                config.prior,
+            )?;
             scales.push(Scale { steps, exit, shape });
         }
         Ok(Self {
@@ -210,6 +216,7 @@ impl Glow {
         // ends: 21 GiB for 512 images at K = 16, width 256. Cutting the graph after each step
         // keeps only the live activations. The ordinary pass keeps its graph for training.
         let cut = |t: Tensor| if init.is_some() { t.detach() } else { t };
+        let mut total_log_std = 0.0;
         let mut h = x.clone();
         for scale in &self.scales {
             h = squeeze(&h)?;
@@ -238,16 +245,19 @@ impl Glow {
             let a = scale.exit.logdet()?;
             out.total_logdet = cut(out.total_logdet.broadcast_add(&a)?);
             out.exit_logdet.push(zeros.broadcast_add(&a)?);
-            out.prior.push(standard_normal_log_density(&y)?);
+            out.prior.push(scale.exit.log_prior(&y, false)?);
             out.flow_logdet.push(f);
-            out.latents.push(y);
+            let (u, log_std_sum) = scale.exit.standardize(&y, false)?;
+            total_log_std += log_std_sum;
+            out.latents.push(u);
         }
         let all: Vec<Tensor> = out
             .latents
             .iter()
             .map(|y| y.flatten_from(1))
             .collect::<candle_core::Result<_>>()?;
-        out.total_prior = standard_normal_log_density(&Tensor::cat(&all, 1)?)?;
+        out.total_prior =
+            (standard_normal_log_density(&Tensor::cat(&all, 1)?)? - total_log_std)?;
         Ok(out)
     }
 
@@ -323,7 +333,7 @@ impl Glow {
             let y = z.broadcast_add(&loc)?.broadcast_mul(&exit_scale)?;
             lp = lp
                 .broadcast_add(&scale.exit.logdet()?)?
-                .add(&standard_normal_log_density(&y)?)?;
+                .add(&scale.exit.log_prior(&y, true)?)?;
             lps.push(lp);
         }
         Ok(Tensor::stack(&lps, 1)?)
@@ -340,7 +350,7 @@ impl Glow {
         }
         let mut h: Option<Tensor> = None;
         for (scale, y) in self.scales.iter().zip(latents).rev() {
-            let z = scale.exit.inverse(y)?;
+            let z = scale.exit.inverse(&scale.exit.unstandardize(y)?)?;
             let mut x = match h {
                 Some(rest) => Tensor::cat(&[&z, &rest], 1)?,
                 None => z,

@@ -20,13 +20,23 @@ pub mod kernels;
 pub mod preprocess;
 pub mod scorer;
 pub mod squeeze;
+pub mod torch;
 
-pub use config::{GlowConfig, GlowShape, ScaleShape};
+pub use config::{GlowConfig, GlowShape, Prior, ScaleShape};
 pub use file::{GlowModel, ModelCard};
 pub use flow::{FlowOutput, Glow};
 pub use scorer::{GlowScorer, Precision, ScaleScores};
 
 use candle_core::{DType, Tensor};
+
+/// Whether the parameter `name` is fixed when the model is built or imported and never
+/// trained: the permutation and signs of the 1x1 convs and the exit priors' mean and log-std.
+pub fn is_fixed_param(name: &str) -> bool {
+    invconv::FIXED_PARAMS
+        .iter()
+        .chain(exit::FIXED_PARAMS.iter())
+        .any(|f| name.ends_with(&format!(".{f}")))
+}
 
 /// ln(2*pi)/2: the per-dimension constant of the standard normal log-density.
 pub const HALF_LN_2PI: f64 = 0.918_938_533_204_672_7;

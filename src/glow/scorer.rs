@@ -332,11 +332,20 @@ impl GlowScorer {
                     .permute((1, 2, 0))?
                     .contiguous()?)
             };
-            let exit_scale = (chw_to_hwc(&scale.exit.logs)?.exp()? + EXIT_SCALE_EPS)?;
+            let mut exit_scale = (chw_to_hwc(&scale.exit.logs)?.exp()? + EXIT_SCALE_EPS)?;
+            let mut exit_loc = chw_to_hwc(&scale.exit.loc)?;
             constant += exit_scale.log()?.sum_all()?.to_scalar::<f64>()?;
+            if let Some((mean, logstd)) = &scale.exit.prior {
+                // A diagonal Gaussian prior folds into the exit: (y - m) e^-s with
+                // y = (z + loc) scale is (z + loc - m / scale) (scale e^-s), plus -sum s.
+                let (mean, logstd) = (chw_to_hwc(mean)?, chw_to_hwc(logstd)?);
+                exit_loc = (exit_loc - mean.div(&exit_scale)?)?;
+                exit_scale = exit_scale.mul(&logstd.neg()?.exp()?)?;
+                constant -= logstd.sum_all()?.to_scalar::<f64>()?;
+            }
             scales.push(FusedScale {
                 steps,
-                exit_loc: put_elem(chw_to_hwc(&scale.exit.loc)?)?,
+                exit_loc: put_elem(exit_loc)?,
                 exit_scale: put_elem(exit_scale)?,
                 constant,
                 shape: scale.shape,
