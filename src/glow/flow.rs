@@ -139,12 +139,7 @@ impl Glow {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let exit = Exit::new(
-                vs.pp("exit"),
-                shape.exit_channels,
-                shape.size,
-                config.prior,
-            )?;
+            let exit = Exit::new(vs.pp("exit"), shape.exit_channels, shape.size, config.prior)?;
             scales.push(Scale { steps, exit, shape });
         }
         Ok(Self {
@@ -256,8 +251,7 @@ impl Glow {
             .iter()
             .map(|y| y.flatten_from(1))
             .collect::<candle_core::Result<_>>()?;
-        out.total_prior =
-            (standard_normal_log_density(&Tensor::cat(&all, 1)?)? - total_log_std)?;
+        out.total_prior = (standard_normal_log_density(&Tensor::cat(&all, 1)?)? - total_log_std)?;
         Ok(out)
     }
 

@@ -220,10 +220,11 @@ impl Checkpoint {
         let mut storages = HashMap::new();
         let data_prefix = format!("{prefix}data/");
         for name in &names {
-            if let Some(key) = name.strip_prefix(&data_prefix) {
-                if !key.is_empty() && !key.contains('/') {
-                    storages.insert(key.to_string(), read_member(&mut zip, name)?);
-                }
+            if let Some(key) = name.strip_prefix(&data_prefix)
+                && !key.is_empty()
+                && !key.contains('/')
+            {
+                storages.insert(key.to_string(), read_member(&mut zip, name)?);
             }
         }
         Ok(Self { object, storages })
@@ -247,7 +248,9 @@ impl Checkpoint {
                 .shape
                 .iter()
                 .zip(&t.stride)
-                .try_fold(t.offset, |acc, (&n, &s)| acc.checked_add((n - 1).checked_mul(s)?));
+                .try_fold(t.offset, |acc, (&n, &s)| {
+                    acc.checked_add((n - 1).checked_mul(s)?)
+                });
             if last.is_none_or(|l| l >= available) {
                 return Err(corrupt(format!(
                     "a tensor of shape {:?} (offset {}, strides {:?}) reaches past the end of \
@@ -401,7 +404,10 @@ mod tests {
         assert!(e.contains("legacy"), "{e}");
         let e = Checkpoint::from_bytes(b"GIF89a").err().unwrap().to_string();
         assert!(e.contains("zip header"), "{e}");
-        let e = Checkpoint::from_bytes(b"PK\x03\x04 cut").err().unwrap().to_string();
+        let e = Checkpoint::from_bytes(b"PK\x03\x04 cut")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("zip"), "{e}");
     }
 
@@ -409,9 +415,9 @@ mod tests {
     fn a_malformed_pickle_is_an_error_not_a_panic() {
         for bad in [
             &b""[..],
-            b"\x80\x02}q\x00(",        // cut inside a dict
-            b"\x80\x02\xff",           // unknown opcode
-            b"\x80\x02h\x05.",         // memo key never stored
+            b"\x80\x02}q\x00(",          // cut inside a dict
+            b"\x80\x02\xff",             // unknown opcode
+            b"\x80\x02h\x05.",           // memo key never stored
             b"\x80\x02\x8a\xff\x01\x02", // LONG1 longer than the data (and than 8 bytes)
         ] {
             let e = unpickle(bad).unwrap_err().to_string();

@@ -24,9 +24,7 @@ use candle_core::{Device, Tensor};
 
 use super::ImportError;
 use super::checkpoint::{Checkpoint, TensorRef, int};
-use crate::glow::config::{
-    Dequantization, GlowConfig, PreprocessConfig, Prior, ResizeMode,
-};
+use crate::glow::config::{Dequantization, GlowConfig, PreprocessConfig, Prior, ResizeMode};
 use crate::glow::file::GlowModel;
 
 /// Parameters of one node, keyed by their path inside the node's module.
@@ -131,9 +129,10 @@ fn shell_class(obj: &Object) -> Option<String> {
 }
 
 fn is_node_name(name: &str) -> bool {
-    ["m0-flow-", "m0-act-", "m0-dist-"]
-        .iter()
-        .any(|p| name.strip_prefix(p).is_some_and(|i| i.parse::<usize>().is_ok()))
+    ["m0-flow-", "m0-act-", "m0-dist-"].iter().any(|p| {
+        name.strip_prefix(p)
+            .is_some_and(|i| i.parse::<usize>().is_ok())
+    })
 }
 
 fn from_whole_module(root: &Object) -> Result<FoundParams, ImportError> {
@@ -153,18 +152,18 @@ fn from_whole_module(root: &Object) -> Result<FoundParams, ImportError> {
                 },
                 _ => None,
             };
-            if let Some(name) = name {
-                if !found.nodes.contains_key(&name) {
-                    let module = match dict_get(state, "_modules") {
-                        Some(Object::Dict(m)) => dict_get(m, "module"),
-                        _ => None,
-                    };
-                    let mut params = NodeParams::new();
-                    if let Some(module) = module {
-                        collect_module(module, &name, "", &mut params, &mut found.modules)?;
-                    }
-                    found.nodes.insert(name, params);
+            if let Some(name) = name
+                && !found.nodes.contains_key(&name)
+            {
+                let module = match dict_get(state, "_modules") {
+                    Some(Object::Dict(m)) => dict_get(m, "module"),
+                    _ => None,
+                };
+                let mut params = NodeParams::new();
+                if let Some(module) = module {
+                    collect_module(module, &name, "", &mut params, &mut found.modules)?;
                 }
+                found.nodes.insert(name, params);
             }
         }
         match obj {
@@ -399,7 +398,9 @@ fn check_step_variant(p: &NodeParams, node: &str, step: usize) -> Result<(), Imp
     let s = format!("sequential.{step}.sequential.");
     let at = |k: &str| p.get(&format!("{s}{k}"));
     let where_ = format!("{node}, flow step {step}");
-    let channels = at("0.loc").and_then(|t| t.shape.get(1).copied()).unwrap_or(0);
+    let channels = at("0.loc")
+        .and_then(|t| t.shape.get(1).copied())
+        .unwrap_or(0);
     if at("1.indices").is_some() {
         return Err(unsupported(format!(
             "a shuffle permutation (buffer `indices`) in {where_}; only the LU-decomposed \
@@ -428,14 +429,14 @@ fn check_step_variant(p: &NodeParams, node: &str, step: usize) -> Result<(), Imp
             "dense coupling networks (nn.Linear) in {where_}; only block_type='conv'"
         )));
     }
-    if let Some(w) = at("2.coef_extractor.module.4.conv.weight") {
-        if w.shape.first() == Some(&(channels / 2)) {
-            return Err(unsupported(format!(
-                "additive coupling in {where_} (its network outputs C/2 = {} channels; affine \
+    if let Some(w) = at("2.coef_extractor.module.4.conv.weight")
+        && w.shape.first() == Some(&(channels / 2))
+    {
+        return Err(unsupported(format!(
+            "additive coupling in {where_} (its network outputs C/2 = {} channels; affine \
                  coupling outputs C = {channels})",
-                channels / 2
-            )));
-        }
+            channels / 2
+        )));
     }
     for k in p.keys().filter(|k| k.starts_with(&s)) {
         if !STEP_KEYS.contains(&&k[s.len()..]) {
@@ -577,7 +578,11 @@ pub fn build_model(
     device: &Device,
 ) -> Result<GlowModel, ImportError> {
     check_modules(found)?;
-    for (name, params) in found.nodes.iter().filter(|(n, _)| n.starts_with("m0-flow-")) {
+    for (name, params) in found
+        .nodes
+        .iter()
+        .filter(|(n, _)| n.starts_with("m0-flow-"))
+    {
         for step in (1..).take_while(|j| {
             params
                 .keys()
@@ -590,34 +595,43 @@ pub fn build_model(
     let model = GlowModel::new_random(&cfg, 0, device)?;
     let mut assigned = 0usize;
     let vars = model.varmap.data().lock().expect("varmap lock").clone();
-    let mut set = |ours: String, node: &str, p: &NodeParams, key: &str| -> Result<(), ImportError> {
-        let t = get(p, node, key)?;
-        let var = vars
-            .get(&ours)
-            .ok_or_else(|| structure(format!("no parameter `{ours}` in the model")))?;
-        if t.numel() != var.elem_count() {
-            return Err(structure(format!(
-                "`{key}` of {node} has shape {:?}, the model's `{ours}` needs {:?}",
-                t.shape,
-                var.dims()
-            )));
-        }
-        let values = ck.values_f32(t)?;
-        let tensor = Tensor::from_vec(values, var.shape(), &Device::Cpu)
-            .and_then(|x| x.to_device(device))
-            .map_err(crate::glow::GlowError::from)?;
-        var.set(&tensor).map_err(crate::glow::GlowError::from)?;
-        assigned += 1;
-        Ok(())
-    };
+    let mut set =
+        |ours: String, node: &str, p: &NodeParams, key: &str| -> Result<(), ImportError> {
+            let t = get(p, node, key)?;
+            let var = vars
+                .get(&ours)
+                .ok_or_else(|| structure(format!("no parameter `{ours}` in the model")))?;
+            if t.numel() != var.elem_count() {
+                return Err(structure(format!(
+                    "`{key}` of {node} has shape {:?}, the model's `{ours}` needs {:?}",
+                    t.shape,
+                    var.dims()
+                )));
+            }
+            let values = ck.values_f32(t)?;
+            let tensor = Tensor::from_vec(values, var.shape(), &Device::Cpu)
+                .and_then(|x| x.to_device(device))
+                .map_err(crate::glow::GlowError::from)?;
+            var.set(&tensor).map_err(crate::glow::GlowError::from)?;
+            assigned += 1;
+            Ok(())
+        };
     for k in 0..cfg.scales {
         let flow_name = format!("m0-flow-{k}");
         let flow = node(found, &flow_name)?;
-        if let Some(extra) = flow.keys().find(|n| !n.starts_with("sequential.") || n.starts_with("sequential.0.")) {
-            return Err(structure(format!("unexpected tensor `{extra}` in {flow_name}")));
+        if let Some(extra) = flow
+            .keys()
+            .find(|n| !n.starts_with("sequential.") || n.starts_with("sequential.0."))
+        {
+            return Err(structure(format!(
+                "unexpected tensor `{extra}` in {flow_name}"
+            )));
         }
         let last_step = (1..)
-            .take_while(|j| flow.keys().any(|n| n.starts_with(&format!("sequential.{j}.sequential."))))
+            .take_while(|j| {
+                flow.keys()
+                    .any(|n| n.starts_with(&format!("sequential.{j}.sequential.")))
+            })
             .count();
         if last_step != cfg.steps {
             return Err(unsupported(format!(
@@ -639,13 +653,34 @@ pub fn build_model(
                 ("invconv.upper", "1.w_u"),
                 ("invconv.logw", "1.w_s"),
                 ("invconv.sign", "1.s_sign"),
-                ("coupling.conv1.weight", "2.coef_extractor.module.0.conv.weight"),
-                ("coupling.norm1.loc", "2.coef_extractor.module.0.actnorm.loc"),
-                ("coupling.norm1.logs", "2.coef_extractor.module.0.actnorm.log_scale"),
-                ("coupling.conv2.weight", "2.coef_extractor.module.2.conv.weight"),
-                ("coupling.norm2.loc", "2.coef_extractor.module.2.actnorm.loc"),
-                ("coupling.norm2.logs", "2.coef_extractor.module.2.actnorm.log_scale"),
-                ("coupling.conv3.weight", "2.coef_extractor.module.4.conv.weight"),
+                (
+                    "coupling.conv1.weight",
+                    "2.coef_extractor.module.0.conv.weight",
+                ),
+                (
+                    "coupling.norm1.loc",
+                    "2.coef_extractor.module.0.actnorm.loc",
+                ),
+                (
+                    "coupling.norm1.logs",
+                    "2.coef_extractor.module.0.actnorm.log_scale",
+                ),
+                (
+                    "coupling.conv2.weight",
+                    "2.coef_extractor.module.2.conv.weight",
+                ),
+                (
+                    "coupling.norm2.loc",
+                    "2.coef_extractor.module.2.actnorm.loc",
+                ),
+                (
+                    "coupling.norm2.logs",
+                    "2.coef_extractor.module.2.actnorm.log_scale",
+                ),
+                (
+                    "coupling.conv3.weight",
+                    "2.coef_extractor.module.4.conv.weight",
+                ),
                 ("coupling.conv3.bias", "2.coef_extractor.module.4.conv.bias"),
                 ("coupling.conv3.logs", "2.coef_extractor.module.4.logs"),
             ];
@@ -655,8 +690,18 @@ pub fn build_model(
         }
         let act_name = format!("m0-act-{k}");
         let act = node(found, &act_name)?;
-        set(format!("scale{k}.exit.loc"), &act_name, act, "sequential.1.loc")?;
-        set(format!("scale{k}.exit.logs"), &act_name, act, "sequential.1.log_scale")?;
+        set(
+            format!("scale{k}.exit.loc"),
+            &act_name,
+            act,
+            "sequential.1.loc",
+        )?;
+        set(
+            format!("scale{k}.exit.logs"),
+            &act_name,
+            act,
+            "sequential.1.log_scale",
+        )?;
         let dist_name = format!("m0-dist-{k}");
         let dist = node(found, &dist_name)?;
         let means = get(dist, &dist_name, "dist.class_means")?;
@@ -667,8 +712,18 @@ pub fn build_model(
                 means.shape[0], means.shape
             )));
         }
-        set(format!("scale{k}.exit.prior_mean"), &dist_name, dist, "dist.class_means")?;
-        set(format!("scale{k}.exit.prior_logstd"), &dist_name, dist, "dist.class_log_stds")?;
+        set(
+            format!("scale{k}.exit.prior_mean"),
+            &dist_name,
+            dist,
+            "dist.class_means",
+        )?;
+        set(
+            format!("scale{k}.exit.prior_logstd"),
+            &dist_name,
+            dist,
+            "dist.class_log_stds",
+        )?;
     }
     if assigned != vars.len() {
         return Err(structure(format!(
@@ -696,7 +751,9 @@ fn check_lu_masks(
         && eye.len() == u.len()
         && (0..c * c).all(|idx| {
             let (i, j) = (idx / c, idx % c);
-            u[idx] == f32::from(j > i) && l[idx] == f32::from(i > j) && eye[idx] == f32::from(i == j)
+            u[idx] == f32::from(j > i)
+                && l[idx] == f32::from(i > j)
+                && eye[idx] == f32::from(i == j)
         });
     if ok {
         Ok(())
@@ -720,10 +777,19 @@ mod tests {
             ("prev.0.prev.0.module.x", "m0-act-0"),
             ("prev.0.module.x", "m0-dist-0"),
             ("prev.1.prev.0.prev.0.prev.0.prev.0.module.x", "m0-flow-1"),
-            ("prev.1.prev.0.prev.0.prev.0.prev.0.prev.0.prev.0.prev.0.module.x", "m0-flow-0"),
+            (
+                "prev.1.prev.0.prev.0.prev.0.prev.0.prev.0.prev.0.prev.0.module.x",
+                "m0-flow-0",
+            ),
             ("prev.2.prev.0.prev.0.module.x", "m0-flow-2"),
-            ("prev.2.prev.0.prev.0.prev.0.prev.0.prev.0.module.x", "m0-flow-1"),
-            ("prev.2.prev.0.prev.0.prev.0.prev.0.prev.0.prev.0.prev.0.prev.0.module.x", "m0-flow-0"),
+            (
+                "prev.2.prev.0.prev.0.prev.0.prev.0.prev.0.module.x",
+                "m0-flow-1",
+            ),
+            (
+                "prev.2.prev.0.prev.0.prev.0.prev.0.prev.0.prev.0.prev.0.prev.0.module.x",
+                "m0-flow-0",
+            ),
             ("prev.2.prev.0.module.x", "m0-act-2"),
         ];
         for (key, want) in cases {
