@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::pickle::Object;
 use candle_core::{DType, Device, Tensor};
 use glowwatch::glow::GlowModel;
+use glowwatch::glow::config::GlowConfig;
 use glowwatch::glow::preprocess::{BIN_CENTRE, image_to_pixels, pixels_to_tensor};
 use glowwatch::glow::torch::checkpoint::{Checkpoint, StorageDtype, TensorRef};
 use glowwatch::glow::torch::{ImportError, ImportOptions, import_bytes, import_file};
@@ -593,4 +594,184 @@ fn command_line_import_then_score_and_sql() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("additive coupling"), "{err}");
+}
+
+/// Writes `model` as the authors' code would save its state dict (L = 3): canonical keys and
+/// their aliases, torch's shapes, `l_mask` as a transposed view of `u_mask`'s storage.
+fn export_state_dict(model: &GlowModel) -> Vec<u8> {
+    use std::collections::BTreeMap;
+    let vars: BTreeMap<String, Vec<f32>> = model
+        .varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
+        })
+        .collect();
+    let (mut entries, mut storages, mut views) = (vec![], vec![], vec![]);
+    let mut add = |keys: &[String], values: Vec<f32>, shape: Vec<usize>| -> TensorRef {
+        let t = TensorRef {
+            storage: format!("{}", storages.len()),
+            dtype: StorageDtype::F32,
+            offset: 0,
+            stride: contiguous(&shape),
+            shape,
+        };
+        storages.push(
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
+        for k in keys {
+            entries.push((k.clone(), t.clone()));
+        }
+        t
+    };
+    let hops = |root: usize, n: usize| format!("prev.{root}.{}module.", "prev.0.".repeat(n));
+    let flow_prefixes = [
+        vec![hops(0, 4), hops(1, 7), hops(2, 8)],
+        vec![hops(1, 4), hops(2, 5)],
+        vec![hops(2, 2)],
+    ];
+    let cfg = model.config().clone();
+    let h = cfg.hidden;
+    for (k, sh) in cfg.shape().scales.iter().enumerate() {
+        let c = sh.channels;
+        for j in 0..cfg.steps {
+            let ours = |n: &str| vars[&format!("scale{k}.step{j}.{n}")].clone();
+            let keys = |n: &str| -> Vec<String> {
+                flow_prefixes[k]
+                    .iter()
+                    .map(|p| format!("{p}sequential.{}.sequential.{n}", j + 1))
+                    .collect()
+            };
+            let cm = "2.coef_extractor.module.";
+            add(&keys("0.loc"), ours("actnorm.loc"), vec![1, c, 1, 1]);
+            add(&keys("0.log_scale"), ours("actnorm.logs"), vec![1, c, 1, 1]);
+            add(&keys("1.w_p"), ours("invconv.perm"), vec![c, c]);
+            add(&keys("1.w_l"), ours("invconv.lower"), vec![c, c]);
+            add(&keys("1.w_u"), ours("invconv.upper"), vec![c, c]);
+            add(&keys("1.w_s"), ours("invconv.logw"), vec![c]);
+            add(&keys("1.s_sign"), ours("invconv.sign"), vec![c]);
+            let upper = (0..c * c).map(|i| f32::from(i % c > i / c)).collect();
+            let u = add(&keys("1.u_mask"), upper, vec![c, c]);
+            for key in keys("1.l_mask") {
+                views.push((
+                    key,
+                    TensorRef {
+                        stride: vec![1, c],
+                        ..u.clone()
+                    },
+                ));
+            }
+            let eye = (0..c * c).map(|i| f32::from(i % c == i / c)).collect();
+            add(&keys("1.l_eye"), eye, vec![c, c]);
+            let n = |s: &str| format!("{cm}{s}");
+            add(
+                &keys(&n("0.conv.weight")),
+                ours("coupling.conv1.weight"),
+                vec![h, c / 2, 3, 3],
+            );
+            add(
+                &keys(&n("0.actnorm.loc")),
+                ours("coupling.norm1.loc"),
+                vec![1, h, 1, 1],
+            );
+            add(
+                &keys(&n("0.actnorm.log_scale")),
+                ours("coupling.norm1.logs"),
+                vec![1, h, 1, 1],
+            );
+            add(
+                &keys(&n("2.conv.weight")),
+                ours("coupling.conv2.weight"),
+                vec![h, h, 1, 1],
+            );
+            add(
+                &keys(&n("2.actnorm.loc")),
+                ours("coupling.norm2.loc"),
+                vec![1, h, 1, 1],
+            );
+            add(
+                &keys(&n("2.actnorm.log_scale")),
+                ours("coupling.norm2.logs"),
+                vec![1, h, 1, 1],
+            );
+            add(
+                &keys(&n("4.conv.weight")),
+                ours("coupling.conv3.weight"),
+                vec![c, h, 3, 3],
+            );
+            add(
+                &keys(&n("4.conv.bias")),
+                ours("coupling.conv3.bias"),
+                vec![c],
+            );
+            add(
+                &keys(&n("4.logs")),
+                ours("coupling.conv3.logs"),
+                vec![c, 1, 1],
+            );
+        }
+        let d = sh.exit_dims();
+        let exit = |n: &str| vars[&format!("scale{k}.exit.{n}")].clone();
+        let act = format!("prev.{k}.prev.0.module.sequential.1.");
+        add(&[format!("{act}loc")], exit("loc"), vec![1, d, 1, 1]);
+        add(&[format!("{act}log_scale")], exit("logs"), vec![1, d, 1, 1]);
+        let dist = format!("prev.{k}.module.dist.");
+        add(
+            &[format!("{dist}class_means")],
+            exit("prior_mean"),
+            vec![1, d],
+        );
+        add(
+            &[format!("{dist}class_log_stds")],
+            exit("prior_logstd"),
+            vec![1, d],
+        );
+    }
+    entries.extend(views);
+    let mut m = vec![("sd/data.pkl".to_string(), state_dict_pickle(&entries))];
+    for (i, s) in storages.into_iter().enumerate() {
+        m.push((format!("sd/data/{i}"), s));
+    }
+    write_zip(&m)
+}
+
+/// The fixture covers one size; 3 channels and other K and widths map the same way: a model
+/// written in the authors' state-dict layout imports to exactly the same weights (same id).
+#[test]
+fn rgb_and_other_sizes_import_to_exactly_the_weights_they_were_written_from() {
+    use glowwatch::glow::Prior;
+    use glowwatch::glow::config::ResizeMode;
+    for (channels, steps, hidden) in [(3, 3, 24), (1, 4, 32)] {
+        let mut cfg = GlowConfig {
+            steps,
+            hidden,
+            prior: Prior::DiagonalGaussian,
+            ..GlowConfig::small(channels)
+        };
+        cfg.preprocess.resize = ResizeMode::Pad;
+        let model = GlowModel::new_random(&cfg, 5, &Device::Cpu).unwrap();
+        model.perturb(6, 0.05).unwrap();
+        for (name, var) in model.varmap.data().lock().unwrap().iter() {
+            if name.contains(".prior_") {
+                let noise = (Tensor::randn(0f32, 0.1, var.shape(), &Device::Cpu)).unwrap();
+                var.set(&noise).unwrap();
+            }
+        }
+        let imported = import_bytes(&export_state_dict(&model), &ImportOptions::default()).unwrap();
+        assert_eq!(imported.model.config(), &cfg);
+        assert_eq!(
+            imported.model.model_id().unwrap(),
+            model.model_id().unwrap(),
+            "C = {channels}, K = {steps}, width {hidden}"
+        );
+    }
 }
