@@ -388,6 +388,13 @@ fn shuffle_permutations_are_refused_by_name() {
         .collect();
     let e = import_err(&state_dict_file(&entries, &[("9000", data)])).to_string();
     assert!(e.contains("shuffle permutation"), "{e}");
+    // No permutation at all (flow_permutation='identity').
+    let entries: Vec<_> = state_dict_entries()
+        .into_iter()
+        .filter(|(k, _)| !k.contains(".sequential.1.sequential.1."))
+        .collect();
+    let e = import_err(&state_dict_file(&entries, &[])).to_string();
+    assert!(e.contains("identity permutation"), "{e}");
     // Whole module: the exp-scaled coupling of another configuration.
     let bytes = with_pickle("model.th", |p| {
         replace_bytes(&p, &unicode("sigmoid"), &unicode("exp"))

@@ -424,6 +424,12 @@ fn check_step_variant(p: &NodeParams, node: &str, step: usize) -> Result<(), Imp
                 .collect::<Vec<_>>()
         )));
     }
+    if !p.keys().any(|k| k.starts_with(&format!("{s}1.w_"))) {
+        return Err(unsupported(format!(
+            "a flow step without LU 1x1 convolution parameters (an identity permutation?) in \
+             {where_}"
+        )));
+    }
     if at("2.coef_extractor.module.0.weight").is_some() {
         return Err(unsupported(format!(
             "dense coupling networks (nn.Linear) in {where_}; only block_type='conv'"
