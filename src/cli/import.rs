@@ -1,6 +1,8 @@
-//! `glowwatch import`: an image folder (recursive; PNG and JPEG files) or IDX files (the MNIST
-//! format) -> Parquet of the input schema (`id`, `label`, `image`), with a progress bar.
-//! Folder images keep their original bytes; IDX images are encoded as PNG.
+//! `glowwatch import`: an image folder (recursive) or IDX files (the MNIST format) -> Parquet of
+//! the input schema (`id`, `label`, `image`), with a progress bar. Folder files are recognised
+//! by their content, not their extension (`.jfif`, `.jpe`, upper case, none at all), and must
+//! decode with the pipeline's own decoder; every other file is listed by name with the reason
+//! it was skipped. Folder images keep their original bytes; IDX images are encoded as PNG.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -78,6 +80,7 @@ impl Writer {
     }
 }
 
+/// Every file under `dir`, recursively, in sorted order.
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
@@ -87,15 +90,22 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for p in entries {
         if p.is_dir() {
             walk(&p, out)?;
-        } else if p
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
-        {
+        } else {
             out.push(p);
         }
     }
     Ok(())
+}
+
+/// The file's bytes when the pipeline's decoder reads it as an image, else why not.
+fn importable(path: &Path) -> std::result::Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    crate::pipeline::decode::decode_upright(
+        &bytes,
+        &crate::pipeline::decode::DecodeLimits::default(),
+    )
+    .map(|_| bytes)
+    .map_err(|f| f.to_string())
 }
 
 /// Reads an IDX file: (dimensions, data bytes). Only unsigned-byte data (type 0x08).
@@ -160,19 +170,17 @@ pub fn run(a: ImportArgs) -> Result<()> {
         );
         b
     };
+    let mut skipped: Vec<(String, String)> = Vec::new();
     if a.input.is_dir() {
         let mut files = Vec::new();
         walk(&a.input, &mut files)?;
-        ensure!(
-            !files.is_empty(),
-            "{}: no PNG or JPEG files",
-            a.input.display()
-        );
         let pb = bar(files.len());
         for p in &files {
-            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
             let id = p.strip_prefix(&a.input).unwrap_or(p).display().to_string();
-            w.push(id, None, bytes)?;
+            match importable(p) {
+                Ok(bytes) => w.push(id, None, bytes)?,
+                Err(why) => skipped.push((id, why)),
+            }
             pb.inc(1);
         }
         pb.finish();
@@ -220,7 +228,22 @@ pub fn run(a: ImportArgs) -> Result<()> {
     let rows = w.rows;
     let file = w.w.into_inner()?;
     file.sync_all()?;
+    for (id, why) in &skipped {
+        eprintln!("skipped {id}: {why}");
+    }
+    if rows == 0 {
+        let _ = std::fs::remove_file(&tmp);
+        bail!(
+            "{}: no decodable images ({} files skipped, listed above)",
+            a.input.display(),
+            skipped.len()
+        );
+    }
     std::fs::rename(&tmp, &a.output)?;
-    println!("wrote {rows} images to {}", a.output.display());
+    println!(
+        "wrote {rows} images to {} ({} files skipped)",
+        a.output.display(),
+        skipped.len()
+    );
     Ok(())
 }

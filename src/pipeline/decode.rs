@@ -13,7 +13,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Int64Type, Schema, UInt8Type};
 use arrow::record_batch::RecordBatch;
-use image::{DynamicImage, ImageBuffer, ImageReader, Limits};
+use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageReader, Limits};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +105,19 @@ pub fn decode_image(
     cfg: &GlowConfig,
     limits: &DecodeLimits,
 ) -> std::result::Result<Vec<u8>, DecodeFailure> {
+    let img = decode_upright(bytes, limits)?;
+    image_to_pixels(&img, cfg).map_err(|e| fail(DecodeReason::WrongSize, e.to_string()))
+}
+
+/// Decodes one encoded image as a viewer shows it: its EXIF orientation (JPEG APP1, PNG eXIf,
+/// WebP EXIF; all eight values) applied, so a picture stored turned with an orientation tag is
+/// scored upright.
+///
+/// Errors: a [`DecodeFailure`] whose reason says what is wrong.
+pub fn decode_upright(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+) -> std::result::Result<DynamicImage, DecodeFailure> {
     if bytes.is_empty() {
         return Err(fail(DecodeReason::Empty, "zero bytes"));
     }
@@ -114,27 +127,33 @@ pub fn decode_image(
             format!("{} bytes > limit {}", bytes.len(), limits.max_bytes),
         ));
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| fail(DecodeReason::Corrupt, e.to_string()))?;
     if reader.format().is_none() {
         return Err(fail(
             DecodeReason::UnknownFormat,
-            "not a PNG or JPEG (unrecognised signature)",
+            "not a PNG, JPEG or WebP image (unrecognised signature)",
         ));
     }
-    let mut reader = reader;
     let mut lim = Limits::default();
     lim.max_image_width = Some(limits.max_side);
     lim.max_image_height = Some(limits.max_side);
     lim.max_alloc = Some(limits.max_alloc);
     reader.limits(lim);
-    let img = reader.decode().map_err(|e| match e {
+    let image_error = |e: image::ImageError| match e {
         image::ImageError::Limits(_) => fail(DecodeReason::TooLarge, e.to_string()),
         image::ImageError::Unsupported(_) => fail(DecodeReason::UnknownFormat, e.to_string()),
         _ => fail(DecodeReason::Corrupt, e.to_string()),
-    })?;
-    image_to_pixels(&img, cfg).map_err(|e| fail(DecodeReason::WrongSize, e.to_string()))
+    };
+    let mut decoder = reader.into_decoder().map_err(image_error)?;
+    // An unreadable EXIF block is not a reason to lose the image: it is shown unturned.
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(image_error)?;
+    img.apply_orientation(orientation);
+    Ok(img)
 }
 
 /// Turns raw 8-bit pixels (row-major, `channels` interleaved: 1 grey, 2 grey+alpha, 3 RGB,

@@ -1,0 +1,186 @@
+//! Inputs that image feeds contain every day and that glowwatch once handled wrongly
+//! (`../shared/cases/`): one regression test per behaviour.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use glowwatch::glow::config::GlowConfig;
+use glowwatch::pipeline::decode::{DecodeLimits, decode_image, decode_upright};
+
+fn case(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/cases")
+        .join(path)
+}
+
+/// (id, image bytes) of a Parquet file with `id` and `image` columns.
+fn id_images(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    reader
+        .flat_map(|b| glowwatch::pipeline::decode::id_image_rows(&b.unwrap()).unwrap())
+        .collect()
+}
+
+fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .sum::<f64>()
+        / a.len() as f64
+}
+
+#[test]
+fn exif_orientation_is_applied_as_viewers_show_the_picture() {
+    let cfg = GlowConfig::small(3);
+    let limits = DecodeLimits::default();
+    let rows = id_images(&case("exif-orientation/input.parquet"));
+    let px = |id: &str| {
+        let (_, bytes) = rows.iter().find(|(i, _)| i == id).unwrap();
+        decode_image(bytes, &cfg, &limits).unwrap()
+    };
+    for n in 0..4 {
+        let upright = px(&format!("img{n}-upright"));
+        let tagged = px(&format!("img{n}-exif6"));
+        let stored = px(&format!("img{n}-stored-no-exif"));
+        let (same, turned) = (
+            mean_abs_diff(&tagged, &upright),
+            mean_abs_diff(&tagged, &stored),
+        );
+        assert!(
+            same < 2.0 && turned > 10.0,
+            "img{n}: {same} vs upright, {turned} vs stored"
+        );
+    }
+}
+
+/// A JPEG APP1 segment holding only the EXIF Orientation tag (TIFF little-endian, one IFD).
+fn exif_app1(orientation: u16) -> Vec<u8> {
+    let mut tiff = b"II*\0".to_vec();
+    tiff.extend(8u32.to_le_bytes()); // IFD0 offset
+    tiff.extend(1u16.to_le_bytes()); // one entry
+    tiff.extend(0x0112u16.to_le_bytes()); // Orientation
+    tiff.extend(3u16.to_le_bytes()); // SHORT
+    tiff.extend(1u32.to_le_bytes()); // count
+    tiff.extend(orientation.to_le_bytes());
+    tiff.extend([0, 0]);
+    tiff.extend(0u32.to_le_bytes()); // no next IFD
+    let mut seg = vec![0xFF, 0xE1];
+    seg.extend(((tiff.len() + 8) as u16).to_be_bytes());
+    seg.extend(b"Exif\0\0");
+    seg.extend(tiff);
+    seg
+}
+
+/// All eight EXIF orientations: a picture stored with the inverse of each transform and
+/// tagged with it decodes to the upright picture.
+#[test]
+fn all_eight_exif_orientations_decode_upright() {
+    use image::{DynamicImage, GrayImage, metadata::Orientation};
+    // Asymmetric 12x8: a horizontal ramp plus a bright block in the top-left corner.
+    let upright = GrayImage::from_fn(12, 8, |x, y| {
+        image::Luma([if x < 3 && y < 2 { 255 } else { (x * 18) as u8 }])
+    });
+    let upright = DynamicImage::ImageLuma8(upright);
+    let limits = DecodeLimits::default();
+    for (tag, inverse) in [
+        (1, Orientation::NoTransforms),
+        (2, Orientation::FlipHorizontal),
+        (3, Orientation::Rotate180),
+        (4, Orientation::FlipVertical),
+        (5, Orientation::Rotate90FlipH), // transpose is its own inverse
+        (6, Orientation::Rotate270),     // stored turned left; tag 6 turns right
+        (7, Orientation::Rotate270FlipH), // transverse is its own inverse
+        (8, Orientation::Rotate90),
+    ] {
+        let mut stored = upright.clone();
+        stored.apply_orientation(inverse);
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 100)
+            .encode_image(&stored)
+            .unwrap();
+        let jpeg = jpeg.into_inner();
+        // SOI, then the EXIF segment, then the rest.
+        let mut tagged = jpeg[..2].to_vec();
+        tagged.extend(exif_app1(tag));
+        tagged.extend(&jpeg[2..]);
+        let got = decode_upright(&tagged, &limits).unwrap().to_luma8();
+        assert_eq!(got.dimensions(), (12, 8), "orientation {tag}");
+        let diff = mean_abs_diff(got.as_raw(), upright.to_luma8().as_raw());
+        assert!(diff < 4.0, "orientation {tag}: mean abs diff {diff}");
+    }
+}
+
+fn glowwatch(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_glowwatch"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dst = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dst);
+        } else {
+            std::fs::copy(&p, &dst).unwrap();
+        }
+    }
+}
+
+/// `.jfif`, `.jpe`, `.webp`, upper-case and extension-less images are recognised by content;
+/// every file not imported is named with its reason.
+#[test]
+fn import_recognises_images_by_content_and_names_every_skipped_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    copy_dir(&case("import-extensions/images"), &images);
+    std::fs::write(images.join("notes.txt"), "not an image").unwrap();
+    std::fs::copy(images.join("a.png"), images.join("no-extension")).unwrap();
+    let mut cut = std::fs::read(images.join("b.jpg")).unwrap();
+    cut.truncate(40);
+    std::fs::write(images.join("cut.jpg"), cut).unwrap();
+    let out = dir.path().join("x.parquet");
+    let (ok, stdout, stderr) = glowwatch(&[
+        "import",
+        images.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let mut ids: Vec<String> = id_images(&out).into_iter().map(|(id, _)| id).collect();
+    ids.sort();
+    let want = [
+        "a.png",
+        "b.jpg",
+        "d.jpe",
+        "e.JPG",
+        "f.webp",
+        "g.PNG",
+        "no-extension",
+        "sub/c.jfif",
+    ];
+    assert_eq!(ids, want);
+    assert!(
+        stdout.contains("wrote 8 images") && stdout.contains("2 files skipped"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("skipped notes.txt: unknown_format"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("skipped cut.jpg: corrupt"), "{stderr}");
+}
