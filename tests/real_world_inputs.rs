@@ -184,3 +184,71 @@ fn import_recognises_images_by_content_and_names_every_skipped_file() {
     );
     assert!(stderr.contains("skipped cut.jpg: corrupt"), "{stderr}");
 }
+
+fn repo(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(p)
+        .display()
+        .to_string()
+}
+
+fn scored_rows(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .map(|p| id_images_count(&p))
+        .sum()
+}
+
+fn id_images_count(path: &Path) -> usize {
+    let file = std::fs::File::open(path).unwrap();
+    let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    b.metadata().file_metadata().num_rows() as usize
+}
+
+/// Scoring into a directory that holds a run must not silently add a second copy of every row.
+#[test]
+fn score_refuses_an_output_that_holds_a_run_unless_told_to_overwrite_or_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let input = case("exif-orientation/input.parquet");
+    let model = repo("models/fashion-mnist.safetensors");
+    let score = |extra: &[&str]| {
+        let mut args = vec![
+            "score",
+            "--device",
+            "cpu",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--model",
+            &model,
+            "--score",
+            "nll",
+            "--threshold",
+            "1e9",
+        ];
+        args.extend(extra);
+        glowwatch(&args)
+    };
+    assert!(score(&[]).0);
+    assert_eq!(scored_rows(&out), 12);
+    let (ok, _, err) = score(&[]);
+    assert!(
+        !ok && err.contains("--overwrite") && err.contains("--append"),
+        "{err}"
+    );
+    assert_eq!(scored_rows(&out), 12);
+    assert!(score(&["--append"]).0);
+    assert_eq!(scored_rows(&out), 24);
+    assert!(score(&["--overwrite"]).0);
+    assert_eq!(scored_rows(&out), 12);
+    // Never deletes what glowwatch did not write.
+    std::fs::write(out.join("README.txt"), "mine").unwrap();
+    let (ok, _, err) = score(&["--overwrite"]);
+    assert!(!ok && err.contains("README.txt"), "{err}");
+    assert!(out.join("README.txt").exists());
+}

@@ -1,8 +1,8 @@
 //! `glowwatch score`: the one-off form of a pipeline: Parquet in, scored Parquet out.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use super::run::print_summary;
@@ -49,10 +49,79 @@ pub struct ScoreArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Replace the scored and dead-letter files of an earlier run in --output.
+    #[arg(long, conflicts_with = "append")]
+    pub overwrite: bool,
+    /// Add this run's files beside an earlier run's in --output.
+    #[arg(long)]
+    pub append: bool,
+}
+
+/// Parquet files a scoring run writes (`part-<run>-<seq>.parquet`) under `dir`, partition and
+/// `_dead_letter` folders included, and anything else found there.
+fn output_files(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let (mut ours, mut other) = (vec![], vec![]);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (ours, other);
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if p.is_dir() {
+            let (o, x) = output_files(&p);
+            ours.extend(o);
+            other.extend(x);
+        } else if name.starts_with("part-") && name.ends_with(".parquet") {
+            ours.push(p);
+        } else if !(name.starts_with(".part-") && name.ends_with(".parquet.tmp")) {
+            other.push(p);
+        }
+    }
+    (ours, other)
+}
+
+/// An output directory that already holds a run is refused unless --overwrite or --append
+/// says what to do: scoring into it again would silently add a second copy of every row.
+fn prepare_output(a: &ScoreArgs) -> Result<()> {
+    let (ours, other) = output_files(&a.output);
+    if ours.is_empty() && other.is_empty() {
+        return Ok(());
+    }
+    if a.append {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        a.overwrite,
+        "output {} already holds {} scored/dead-letter file(s){}: pass --overwrite to replace \
+         them or --append to add this run beside them",
+        a.output.display(),
+        ours.len(),
+        if other.is_empty() {
+            String::new()
+        } else {
+            format!(" and {} other file(s)", other.len())
+        }
+    );
+    anyhow::ensure!(
+        other.is_empty(),
+        "--overwrite replaces only glowwatch's own part-*.parquet files, but {} also holds {}",
+        a.output.display(),
+        other
+            .iter()
+            .take(5)
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for p in ours {
+        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(())
 }
 
 /// Runs `glowwatch score`.
 pub fn run(a: ScoreArgs) -> Result<()> {
+    prepare_output(&a)?;
     let calibration =
         match a.threshold {
             Some(_) => None,

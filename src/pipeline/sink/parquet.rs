@@ -74,11 +74,43 @@ pub fn partition_dir(p: Partitioning, at: SystemTime) -> String {
     }
 }
 
+/// Whether `name` is one of this sink's own temporary files (`.part-*.parquet.tmp`).
+fn is_own_temp(name: &str) -> bool {
+    name.starts_with(".part-") && name.ends_with(".parquet.tmp")
+}
+
+/// Removes the temporary files a killed run left under `dir` (partition folders included) and
+/// returns how many. Only this sink's own pattern is touched; one pipeline writes a directory.
+fn remove_leftovers(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if path.is_dir() {
+            removed += remove_leftovers(&path);
+        } else if is_own_temp(&name) && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 impl ParquetSink {
     /// A sink writing `schema` records under `config.path`; `run_id` makes file names unique
     /// across runs.
     pub fn new(config: &ParquetSinkConfig, schema: SchemaRef, run_id: &str) -> Result<Self> {
         let c = compression(&config.compression).map_err(PipelineError::Config)?;
+        let removed = remove_leftovers(&config.path);
+        if removed > 0 {
+            tracing::info!(
+                path = %config.path.display(),
+                removed,
+                "removed temporary files left by an interrupted run"
+            );
+        }
         let props = WriterProperties::builder()
             .set_compression(c)
             .set_max_row_group_row_count(Some(config.row_group_rows))
@@ -313,5 +345,52 @@ mod tests {
         sink.write(&b, SystemTime::now()).unwrap();
         drop(sink);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn leftover_temporary_files_of_a_killed_run_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("date=2026-11-30");
+        std::fs::create_dir_all(&part).unwrap();
+        for f in [
+            dir.path().join(".part-old-00001.parquet.tmp"),
+            part.join(".part-old-00002.parquet.tmp"),
+            dir.path().join("part-done-00001.parquet"),
+            dir.path().join(".someone-else.tmp"),
+            dir.path().join("notes.parquet.tmp"),
+        ] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let schema = Arc::new(arrow::datatypes::Schema::empty());
+        ParquetSink::new(
+            &ParquetSinkConfig::unpartitioned(dir.path().to_path_buf()),
+            schema,
+            "new",
+        )
+        .unwrap();
+        let mut left: Vec<String> = walkdir(dir.path());
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".someone-else.tmp",
+                "notes.parquet.tmp",
+                "part-done-00001.parquet"
+            ]
+        );
+    }
+
+    fn walkdir(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .flat_map(|e| {
+                if e.path().is_dir() {
+                    walkdir(&e.path())
+                } else {
+                    vec![e.file_name().to_string_lossy().into_owned()]
+                }
+            })
+            .collect()
     }
 }
