@@ -140,13 +140,15 @@ pub fn decode_upright(
     lim.max_image_width = Some(limits.max_side);
     lim.max_image_height = Some(limits.max_side);
     lim.max_alloc = Some(limits.max_alloc);
-    reader.limits(lim);
+    reader.limits(lim.clone());
     let image_error = |e: image::ImageError| match e {
         image::ImageError::Limits(_) => fail(DecodeReason::TooLarge, e.to_string()),
         image::ImageError::Unsupported(_) => fail(DecodeReason::UnknownFormat, e.to_string()),
         _ => fail(DecodeReason::Corrupt, e.to_string()),
     };
     let mut decoder = reader.into_decoder().map_err(image_error)?;
+    // `into_decoder` applies the size limits but not the allocation limit: check it here.
+    lim.reserve(decoder.total_bytes()).map_err(image_error)?;
     // An unreadable EXIF block is not a reason to lose the image: it is shown unturned.
     let orientation = decoder
         .orientation()
