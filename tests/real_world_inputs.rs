@@ -182,7 +182,7 @@ fn import_recognises_images_by_content_and_names_every_skipped_file() {
         stderr.contains("skipped notes.txt: unknown_format"),
         "{stderr}"
     );
-    assert!(stderr.contains("skipped cut.jpg: corrupt"), "{stderr}");
+    assert!(stderr.contains("skipped cut.jpg: truncated"), "{stderr}");
 }
 
 fn repo(p: &str) -> String {
@@ -251,4 +251,123 @@ fn score_refuses_an_output_that_holds_a_run_unless_told_to_overwrite_or_append()
     let (ok, _, err) = score(&["--overwrite"]);
     assert!(!ok && err.contains("README.txt"), "{err}");
     assert!(out.join("README.txt").exists());
+}
+
+/// Rows of tests/data/jpeg/corpus.parquet (scripts/make_jpeg_corpus.py): the JPEG, and the
+/// pixels Pillow (libjpeg-turbo) decodes from it.
+struct CorpusRow {
+    id: String,
+    variant: String,
+    image: Vec<u8>,
+    reference: Option<(u32, u32, Vec<u8>)>,
+    ref_mode: Option<String>,
+}
+
+fn jpeg_corpus() -> Vec<CorpusRow> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::Int64Type;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/jpeg/corpus.parquet");
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut rows = vec![];
+    for b in reader {
+        let b = b.unwrap();
+        let col = |n: &str| b.column_by_name(n).unwrap().clone();
+        let (id, variant, image, mode) = (col("id"), col("variant"), col("image"), col("ref_mode"));
+        let (w, h, px) = (col("ref_width"), col("ref_height"), col("ref_pixels"));
+        for i in 0..b.num_rows() {
+            let reference = px.is_valid(i).then(|| {
+                (
+                    w.as_primitive::<Int64Type>().value(i) as u32,
+                    h.as_primitive::<Int64Type>().value(i) as u32,
+                    px.as_binary::<i32>().value(i).to_vec(),
+                )
+            });
+            rows.push(CorpusRow {
+                id: id.as_string::<i32>().value(i).to_string(),
+                variant: variant.as_string::<i32>().value(i).to_string(),
+                image: image.as_binary::<i32>().value(i).to_vec(),
+                reference,
+                ref_mode: mode
+                    .is_valid(i)
+                    .then(|| mode.as_string::<i32>().value(i).to_string()),
+            });
+        }
+    }
+    rows
+}
+
+/// The truncation policy: a JPEG that lacks only its end-of-image marker decodes to exactly the
+/// full file's pixels (as libjpeg does); one cut inside its data is dead-lettered `truncated`,
+/// never scored as if whole. Full files decode to the reference decoder's pixels within the
+/// rounding of two IDCT/upsampling implementations.
+#[test]
+fn jpeg_truncation_policy_against_the_reference_decoder() {
+    use glowwatch::pipeline::decode::DecodeReason;
+    let limits = DecodeLimits::default();
+    let rows = jpeg_corpus();
+    let ours = |r: &CorpusRow| {
+        let img = decode_upright(&r.image, &limits);
+        img.map(|i| match r.ref_mode.as_deref() {
+            Some("L") => i.to_luma8().into_raw(),
+            _ => i.to_rgb8().into_raw(),
+        })
+    };
+    let mut worst_mean = 0.0f64;
+    for r in &rows {
+        let base = r.id.split('/').next().unwrap();
+        let full = rows
+            .iter()
+            .find(|f| f.id == format!("{base}/full"))
+            .unwrap();
+        match r.variant.as_str() {
+            "full" | "no-eoi" => {
+                let got = ours(r).unwrap_or_else(|e| panic!("{}: {e}", r.id));
+                assert_eq!(
+                    got,
+                    ours(full).unwrap(),
+                    "{}: differs from the full file",
+                    r.id
+                );
+                let (_, _, reference) = r.reference.as_ref().unwrap();
+                let mean = mean_abs_diff(&got, reference);
+                worst_mean = worst_mean.max(mean);
+                assert!(mean < 2.0, "{}: mean abs diff {mean} from libjpeg", r.id);
+            }
+            _ => {
+                let e = ours(r)
+                    .err()
+                    .unwrap_or_else(|| panic!("{} was decoded", r.id));
+                assert_eq!(e.reason, DecodeReason::Truncated, "{}: {e}", r.id);
+            }
+        }
+    }
+    println!("worst mean abs diff from libjpeg-turbo: {worst_mean:.3}");
+    // The case a user reported: the same picture with and without its end marker.
+    let pair = id_images(&case("jpeg-without-end-marker/no-eoi-pair.parquet"));
+    let cfg = GlowConfig::small(1);
+    let full = decode_image(&pair[0].1, &cfg, &limits).unwrap();
+    let no_eoi = decode_image(&pair[1].1, &cfg, &limits).unwrap();
+    assert_eq!((pair[0].0.as_str(), pair[1].0.as_str()), ("full", "no-eoi"));
+    assert_eq!(full, no_eoi);
+}
+
+/// A valid arithmetic-coded JPEG (libjpeg-turbo decodes it) is not `corrupt`: it gets its own
+/// reason, `unsupported`, and the detail names the coding.
+#[test]
+fn arithmetic_coded_jpeg_is_unsupported_not_corrupt() {
+    use glowwatch::pipeline::decode::DecodeReason;
+    for name in ["arithmetic.jpg", "arithmetic-progressive.jpg"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/jpeg")
+            .join(name);
+        let e = decode_upright(&std::fs::read(path).unwrap(), &DecodeLimits::default())
+            .err()
+            .unwrap();
+        assert_eq!(e.reason, DecodeReason::Unsupported, "{name}: {e}");
+        assert!(e.detail.contains("arithmetic-coded JPEG"), "{name}: {e}");
+    }
 }

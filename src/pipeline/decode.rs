@@ -56,8 +56,12 @@ pub enum DecodeReason {
     TooLarge,
     /// The bytes are not an image format this build decodes.
     UnknownFormat,
-    /// The format is known but the data is corrupt or truncated.
+    /// The format is known but the data is corrupt.
     Corrupt,
+    /// The image data ends before the image is complete (a file cut short).
+    Truncated,
+    /// A valid image in a variant this build does not decode (e.g. arithmetic-coded JPEG).
+    Unsupported,
     /// The image cannot be brought to the model's size under its resize mode.
     WrongSize,
 }
@@ -72,6 +76,8 @@ impl DecodeReason {
             Self::TooLarge => "too_large",
             Self::UnknownFormat => "unknown_format",
             Self::Corrupt => "corrupt",
+            Self::Truncated => "truncated",
+            Self::Unsupported => "unsupported",
             Self::WrongSize => "wrong_size",
         }
     }
@@ -127,15 +133,32 @@ pub fn decode_upright(
             format!("{} bytes > limit {}", bytes.len(), limits.max_bytes),
         ));
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| fail(DecodeReason::Corrupt, e.to_string()))?;
-    if reader.format().is_none() {
+    let format = image::guess_format(bytes).ok();
+    if format.is_none() {
         return Err(fail(
             DecodeReason::UnknownFormat,
             "not a PNG, JPEG or WebP image (unrecognised signature)",
         ));
     }
+    if format == Some(image::ImageFormat::Jpeg) {
+        if let Some(what) = jpeg::unsupported(bytes) {
+            return Err(fail(DecodeReason::Unsupported, what));
+        }
+        if !bytes.ends_with(&[0xFF, 0xD9]) {
+            return jpeg::missing_end_marker(bytes, |b| decode_any(b, limits));
+        }
+    }
+    decode_any(bytes, limits)
+}
+
+/// Decodes a PNG, JPEG or WebP with `image` under the limits, EXIF orientation applied.
+fn decode_any(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+) -> std::result::Result<DynamicImage, DecodeFailure> {
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| fail(DecodeReason::Corrupt, e.to_string()))?;
     let mut lim = Limits::default();
     lim.max_image_width = Some(limits.max_side);
     lim.max_image_height = Some(limits.max_side);
@@ -143,7 +166,7 @@ pub fn decode_upright(
     reader.limits(lim.clone());
     let image_error = |e: image::ImageError| match e {
         image::ImageError::Limits(_) => fail(DecodeReason::TooLarge, e.to_string()),
-        image::ImageError::Unsupported(_) => fail(DecodeReason::UnknownFormat, e.to_string()),
+        image::ImageError::Unsupported(_) => fail(DecodeReason::Unsupported, e.to_string()),
         _ => fail(DecodeReason::Corrupt, e.to_string()),
     };
     let mut decoder = reader.into_decoder().map_err(image_error)?;
@@ -156,6 +179,92 @@ pub fn decode_upright(
     let mut img = DynamicImage::from_decoder(decoder).map_err(image_error)?;
     img.apply_orientation(orientation);
     Ok(img)
+}
+
+/// The JPEG policy for truncated data and unsupported variants (README, "Truncated and
+/// unsupported images").
+mod jpeg {
+    use super::{DecodeFailure, DecodeReason, fail};
+
+    const EOI: [u8; 2] = [0xFF, 0xD9];
+
+    /// What the probe of [`missing_end_marker`] puts between the data and the end-of-image
+    /// marker: bytes that are not a marker (0x55 = 0101...).
+    const PROBE: [u8; 256] = [0x55; 256];
+
+    /// The policy for a JPEG without its end-of-image marker: when all of its scan data is
+    /// there, libjpeg decodes it to the full file's pixels, and so do we (`Ok(image)`, decoded
+    /// with the marker put back); when data is missing it is an error `truncated` (a file cut
+    /// short is never scored as if whole). `decode` is the ordinary decoder.
+    ///
+    /// Whether data is missing is probed, since the decoder fills missing blocks with grey
+    /// silently: a complete scan ignores anything after its last block, while a cut scan goes
+    /// on decoding whatever follows. So the file is decoded twice, with the marker appended
+    /// right after the data and after 256 non-marker bytes: equal pixels mean complete. Costs a
+    /// second decode of such files only. A progressive file cut exactly between two scans
+    /// passes, as it does in libjpeg: its image is complete at a lower refinement.
+    pub fn missing_end_marker<T: PartialEq>(
+        bytes: &[u8],
+        decode: impl Fn(&[u8]) -> Result<T, DecodeFailure>,
+    ) -> Result<T, DecodeFailure> {
+        let with_marker = [bytes, &EOI[..]].concat();
+        let probe = [bytes, &PROBE[..], &EOI[..]].concat();
+        let truncated = |detail: String| {
+            fail(
+                DecodeReason::Truncated,
+                format!(
+                    "JPEG data ends before the image is complete ({} bytes, no end-of-image \
+                     marker){detail}",
+                    bytes.len()
+                ),
+            )
+        };
+        let image = decode(&with_marker).map_err(|e| truncated(format!(": {}", e.detail)))?;
+        match decode(&probe) {
+            Ok(other) if other == image => Ok(image),
+            _ => Err(truncated(String::new())),
+        }
+    }
+
+    /// Names a JPEG variant the decoder cannot read (found in the frame header before the
+    /// first scan): arithmetic coding, lossless, hierarchical, or more than 8 bits per sample.
+    pub fn unsupported(bytes: &[u8]) -> Option<String> {
+        let mut i = 2; // after SOI
+        while i + 4 <= bytes.len() {
+            if bytes[i] != 0xFF {
+                return None; // not at a marker: leave it to the decoder
+            }
+            let marker = bytes[i + 1];
+            if marker == 0xFF {
+                i += 1; // fill byte
+                continue;
+            }
+            if marker == 0xDA {
+                return None; // start of scan: every frame header has been seen
+            }
+            let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+            let what = match marker {
+                0xC3 => Some("lossless JPEG (SOF3)"),
+                0xC5..=0xC7 => Some("hierarchical JPEG (SOF5-7)"),
+                0xC9..=0xCB | 0xCD..=0xCF => Some("arithmetic-coded JPEG (SOF9-11/13-15)"),
+                0xCC => Some("arithmetic-coded JPEG (DAC segment)"),
+                _ => None,
+            };
+            if let Some(what) = what {
+                return Some(format!(
+                    "{what}: not supported by this build's JPEG decoder"
+                ));
+            }
+            if matches!(marker, 0xC0..=0xC2) && bytes.get(i + 4).is_some_and(|&p| p != 8) {
+                return Some(format!(
+                    "{}-bit JPEG: only 8 bits per sample are supported",
+                    bytes[i + 4]
+                ));
+            }
+            i += 2 + len;
+        }
+        None
+    }
 }
 
 /// Turns raw 8-bit pixels (row-major, `channels` interleaved: 1 grey, 2 grey+alpha, 3 RGB,
