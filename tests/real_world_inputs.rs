@@ -371,3 +371,129 @@ fn arithmetic_coded_jpeg_is_unsupported_not_corrupt() {
         assert!(e.detail.contains("arithmetic-coded JPEG"), "{name}: {e}");
     }
 }
+
+/// All record batches of every Parquet file directly in `dir`.
+fn read_batches(dir: &Path) -> Vec<arrow::array::RecordBatch> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .flat_map(|p| {
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                std::fs::File::open(p).unwrap(),
+            )
+            .unwrap()
+            .build()
+            .unwrap()
+            .map(|b| b.unwrap())
+            .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn score_dir(input: &Path, out: &Path, image_column: &str) -> (bool, String) {
+    let model = repo("models/fashion-mnist.safetensors");
+    let (ok, stdout, stderr) = glowwatch(&[
+        "score",
+        "--device",
+        "cpu",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--model",
+        &model,
+        "--score",
+        "nll",
+        "--threshold",
+        "1e9",
+        "--image-column",
+        image_column,
+    ]);
+    (ok, format!("{stdout}\n{stderr}"))
+}
+
+fn strings(b: &arrow::array::RecordBatch, name: &str) -> Vec<Option<String>> {
+    let c = arrow::compute::cast(
+        b.column_by_name(name).unwrap(),
+        &arrow::datatypes::DataType::Utf8,
+    )
+    .unwrap();
+    use arrow::array::{Array, AsArray};
+    let s = c.as_string::<i32>();
+    (0..s.len())
+        .map(|i| s.is_valid(i).then(|| s.value(i).to_string()))
+        .collect()
+}
+
+/// A directory of files from pyarrow (`string`, `binary`) and polars (`large_string`,
+/// `large_binary`) is one dataset.
+#[test]
+fn files_from_different_writers_in_one_directory_are_one_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (ok, log) = score_dir(&case("mixed-writers/in"), &out, "image");
+    assert!(ok, "{log}");
+    let mut ids: Vec<String> = read_batches(&out)
+        .iter()
+        .flat_map(|b| strings(b, "id"))
+        .map(Option::unwrap)
+        .collect();
+    ids.sort();
+    assert_eq!(ids.len(), 6, "{ids:?}");
+    ids.dedup();
+    assert_eq!(ids.len(), 6, "ids repeat: {ids:?}");
+}
+
+/// Spark-style INT96 timestamps outside 1677-2262 come out as they went in, with and without
+/// an Arrow schema in the footer.
+#[test]
+fn int96_timestamps_pass_through_unwrapped() {
+    for file in [
+        "int96-no-arrow-schema.parquet",
+        "int96-with-arrow-schema.parquet",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::create_dir_all(&input).unwrap();
+        std::fs::copy(case("int96-timestamps").join(file), input.join(file)).unwrap();
+        let out = dir.path().join("out");
+        let (ok, log) = score_dir(&input, &out, "image");
+        assert!(ok, "{file}: {log}");
+        let mut got: Vec<(String, Option<String>)> = vec![];
+        let dead = read_batches(&out.join("_dead_letter"));
+        let all: Vec<_> = read_batches(&out).into_iter().chain(dead).collect();
+        for b in &all {
+            if b.column_by_name("capture_time").is_none() {
+                continue;
+            }
+            got.extend(
+                strings(b, "id")
+                    .into_iter()
+                    .map(Option::unwrap)
+                    .zip(strings(b, "capture_time")),
+            );
+        }
+        got.sort();
+        let times: Vec<Option<String>> = got.into_iter().map(|(_, t)| t).collect();
+        assert!(
+            times.contains(&Some("1000-01-01T00:00:00".into())),
+            "{file}: {times:?}"
+        );
+        assert!(
+            times.contains(&Some("3000-01-01T00:00:00".into())),
+            "{file}: {times:?}"
+        );
+        assert!(
+            times.contains(&Some("2026-11-29T12:00:00".into())),
+            "{file}: {times:?}"
+        );
+    }
+}

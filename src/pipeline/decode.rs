@@ -522,9 +522,14 @@ pub fn decode_rows(
         .collect()
 }
 
-/// Whether a column type can hold an image's bytes: binary types and lists of uint8.
+/// Whether a column type can hold an image's bytes: binary types and lists of uint8, their
+/// dictionary-encoded forms, and the Hugging Face `datasets` image struct `{bytes, path}`.
 pub fn is_byte_column(ty: &DataType) -> bool {
     match ty {
+        DataType::Dictionary(_, values) => is_byte_column(values),
+        DataType::Struct(fields) => fields
+            .iter()
+            .any(|f| f.name() == "bytes" && is_byte_column(f.data_type())),
         DataType::Binary
         | DataType::LargeBinary
         | DataType::BinaryView
@@ -537,10 +542,38 @@ pub fn is_byte_column(ty: &DataType) -> bool {
 }
 
 /// The byte values of a byte column (Binary, LargeBinary, BinaryView, FixedSizeBinary, or a
-/// List / LargeList / FixedSizeList of uint8, whose null elements read as 0); `None` for nulls.
+/// List / LargeList / FixedSizeList of uint8, whose null elements read as 0; any of these
+/// dictionary-encoded; or the `bytes` field of a Hugging Face image struct `{bytes, path}`);
+/// `None` for nulls (a struct whose `bytes` is null, e.g. an image stored by path only, too).
 pub fn binary_values(array: &ArrayRef) -> Result<Vec<Option<&[u8]>>> {
     let n = array.len();
     Ok(match array.data_type() {
+        DataType::Dictionary(_, _) => {
+            let dict = array.as_any_dictionary();
+            let values = binary_values(dict.values())?;
+            dict.normalized_keys()
+                .into_iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    if array.is_valid(i) {
+                        values.get(k).copied().flatten()
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        }
+        DataType::Struct(_) => {
+            let st = array.as_struct();
+            let bytes = st
+                .column_by_name("bytes")
+                .ok_or_else(|| PipelineError::Schema("image struct has no `bytes` field".into()))?;
+            binary_values(bytes)?
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| if st.is_valid(i) { b } else { None })
+                .collect()
+        }
         DataType::List(f) if f.data_type() == &DataType::UInt8 => {
             list_bytes(array.as_list::<i32>())
         }

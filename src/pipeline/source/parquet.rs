@@ -6,10 +6,13 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
-use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
+use parquet::basic::Type as PhysicalType;
 
 use crate::pipeline::{PipelineError, Result};
 
@@ -41,12 +44,73 @@ fn parquet_err(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> Pipelin
     }
 }
 
+/// Opens a file for reading. INT96 timestamps (Spark's, Impala's) are read as microseconds:
+/// the Arrow reader's default, nanoseconds, wraps every date outside 1677-2262 silently
+/// (year 1000 came out as 2169), whatever Arrow schema the footer holds.
 fn open(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     let f = File::open(path).map_err(|source| PipelineError::Io {
         path: path.display().to_string(),
         source,
     })?;
-    ParquetRecordBatchReaderBuilder::try_new(f).map_err(parquet_err(path))
+    let meta =
+        ArrowReaderMetadata::load(&f, ArrowReaderOptions::new()).map_err(parquet_err(path))?;
+    let meta = match int96_as_micros(&meta) {
+        Some(hint) => ArrowReaderMetadata::try_new(
+            Arc::clone(meta.metadata()),
+            ArrowReaderOptions::new().with_schema(hint),
+        )
+        .map_err(parquet_err(path))?,
+        None => meta,
+    };
+    Ok(ParquetRecordBatchReaderBuilder::new_with_metadata(f, meta))
+}
+
+/// The file's Arrow schema with every top-level INT96 column as Timestamp(µs), or `None` when
+/// it has none. Microseconds span ±290,000 years; INT96's nanosecond digits below a
+/// microsecond are dropped.
+fn int96_as_micros(meta: &ArrowReaderMetadata) -> Option<SchemaRef> {
+    let roots = meta.parquet_schema().root_schema().get_fields();
+    let base = meta.schema();
+    let mut changed = false;
+    let fields: Vec<FieldRef> = base
+        .fields()
+        .iter()
+        .zip(roots)
+        .map(|(f, t)| {
+            let int96 = t.is_primitive() && t.get_physical_type() == PhysicalType::INT96;
+            match f.data_type() {
+                DataType::Timestamp(unit, tz) if int96 && *unit != TimeUnit::Microsecond => {
+                    changed = true;
+                    Arc::new(
+                        f.as_ref()
+                            .clone()
+                            .with_data_type(DataType::Timestamp(TimeUnit::Microsecond, tz.clone())),
+                    )
+                }
+                _ => Arc::clone(f),
+            }
+        })
+        .collect();
+    changed.then(|| Arc::new(Schema::new_with_metadata(fields, base.metadata().clone())))
+}
+
+/// The type two files' columns are read as when they differ only in encoding: the string
+/// types (`string`, `large_string`, `string_view`, as pyarrow, polars and others write them)
+/// as `string`, the binary types as `binary`, dictionary-encoded values as their value type.
+/// `None` when they hold different kinds of values.
+pub fn unify(a: &DataType, b: &DataType) -> Option<DataType> {
+    use DataType::*;
+    let plain = |t: &DataType| match t {
+        Dictionary(_, v) => v.as_ref().clone(),
+        t => t.clone(),
+    };
+    let (a, b) = (plain(a), plain(b));
+    match (&a, &b) {
+        _ if a == b => Some(a),
+        (Utf8 | LargeUtf8 | Utf8View, Utf8 | LargeUtf8 | Utf8View) => Some(Utf8),
+        (Binary | LargeBinary | BinaryView, Binary | LargeBinary | BinaryView) => Some(Binary),
+        _ => None,
+    }
 }
 
 /// The Parquet files at `path` (the file itself, or every `*.parquet` below a directory, skipping
@@ -99,7 +163,7 @@ fn describe(s: &Schema) -> String {
 
 impl ParquetSource {
     /// Opens files and directories (recursively, sorted by path). Every file must have the
-    /// same Arrow schema as the first.
+    /// same columns as the first, holding the same kinds of values ([`unify`]).
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::new();
         for p in paths {
@@ -123,9 +187,31 @@ impl ParquetSource {
             match &mut schema {
                 None => schema = Some(this.as_ref().clone()),
                 Some(s) => {
-                    let key =
-                        |f: &arrow::datatypes::FieldRef| (f.name().clone(), f.data_type().clone());
-                    if s.fields().iter().map(key).ne(this.fields().iter().map(key)) {
+                    let names = |s: &Schema| {
+                        s.fields()
+                            .iter()
+                            .map(|f| f.name().clone())
+                            .collect::<Vec<_>>()
+                    };
+                    let unified: Option<Vec<Field>> = (names(s) == names(this))
+                        .then(|| {
+                            s.fields()
+                                .iter()
+                                .zip(this.fields())
+                                .map(|(a, b)| {
+                                    let ty = unify(a.data_type(), b.data_type())?;
+                                    // A column nullable in any file is nullable.
+                                    Some(
+                                        a.as_ref()
+                                            .clone()
+                                            .with_data_type(ty)
+                                            .with_nullable(a.is_nullable() || b.is_nullable()),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .flatten();
+                    let Some(fields) = unified else {
                         return Err(PipelineError::Schema(format!(
                             "{} has columns {}, but {} has {}",
                             path.display(),
@@ -133,18 +219,7 @@ impl ParquetSource {
                             files[0].display(),
                             describe(s)
                         )));
-                    }
-                    // Same names and types; a column nullable in any file is nullable.
-                    let fields: Vec<Field> = s
-                        .fields()
-                        .iter()
-                        .zip(this.fields())
-                        .map(|(a, b)| {
-                            a.as_ref()
-                                .clone()
-                                .with_nullable(a.is_nullable() || b.is_nullable())
-                        })
-                        .collect();
+                    };
                     *s = Schema::new_with_metadata(fields, s.metadata().clone());
                 }
             }
@@ -227,6 +302,19 @@ impl ParquetSource {
             return Ok(RecordBatch::new_empty(schema));
         };
         let batch = arrow::compute::concat_batches(&first.schema(), &batches)?;
-        Ok(RecordBatch::try_new(schema, batch.columns().to_vec())?)
+        // Columns this file encodes differently from the source's unified types are cast.
+        let columns = batch
+            .columns()
+            .iter()
+            .zip(schema.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(Arc::clone(c))
+                } else {
+                    arrow::compute::cast(c, f.data_type())
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(RecordBatch::try_new(schema, columns)?)
     }
 }
