@@ -497,3 +497,92 @@ fn int96_timestamps_pass_through_unwrapped() {
         );
     }
 }
+
+fn write_batch(path: &Path, batch: &arrow::array::RecordBatch) {
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(path).unwrap(),
+        batch.schema(),
+        None,
+    )
+    .unwrap();
+    w.write(batch).unwrap();
+    w.close().unwrap();
+}
+
+fn png(shade: u8) -> Vec<u8> {
+    let img = image::GrayImage::from_pixel(28, 28, image::Luma([shade]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// Dead-letter (id, reason) pairs of a scoring run.
+fn dead_letters(out: &Path) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = read_batches(&out.join("_dead_letter"))
+        .iter()
+        .flat_map(|b| {
+            strings(b, "id")
+                .into_iter()
+                .zip(strings(b, "reason"))
+                .map(|(i, r)| (i.unwrap(), r.unwrap()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Image columns as common writers store them: dictionary-encoded binary, and the Hugging Face
+/// `datasets` image struct `{bytes, path}`; null images (and structs holding only a path) are
+/// dead-lettered with reason `null`, the rest scored.
+#[test]
+fn dictionary_and_hugging_face_image_columns_are_read_and_nulls_dead_lettered() {
+    use arrow::array::{
+        BinaryArray, DictionaryArray, Int32Array, RecordBatch, StringArray, StructArray,
+    };
+    use arrow::datatypes::{DataType, Field, Fields};
+    use std::sync::Arc;
+    let ids = Arc::new(StringArray::from(vec!["a", "b", "c", "d"]));
+    // Dictionary: rows a and c share one image; row d is null.
+    let values = Arc::new(BinaryArray::from_iter_values([png(10), png(200)]));
+    let keys = Int32Array::from(vec![Some(0), Some(1), Some(0), None]);
+    let dict = DictionaryArray::try_new(keys, values).unwrap();
+    let dict_batch = RecordBatch::try_from_iter(vec![
+        ("id", ids.clone() as _),
+        ("image", Arc::new(dict) as _),
+    ])
+    .unwrap();
+    // Hugging Face: d holds only a path (no bytes), c is a null struct.
+    let fields = Fields::from(vec![
+        Field::new("bytes", DataType::Binary, true),
+        Field::new("path", DataType::Utf8, true),
+    ]);
+    let bytes = BinaryArray::from(vec![Some(&png(10)[..]), Some(&png(90)[..]), None, None]);
+    let paths = StringArray::from(vec![Some("a.png"), None, None, Some("d.png")]);
+    let hf = StructArray::try_new(
+        fields,
+        vec![Arc::new(bytes), Arc::new(paths)],
+        Some(vec![true, true, false, true].into()),
+    )
+    .unwrap();
+    let hf_batch =
+        RecordBatch::try_from_iter(vec![("id", ids as _), ("image", Arc::new(hf) as _)]).unwrap();
+    for (name, batch, scored, dead) in [
+        ("dictionary", dict_batch, 3, vec!["d"]),
+        ("hugging-face", hf_batch, 2, vec!["c", "d"]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.parquet");
+        write_batch(&input, &batch);
+        let out = dir.path().join("out");
+        let (ok, log) = score_dir(&input, &out, "image");
+        assert!(ok, "{name}: {log}");
+        let n: usize = read_batches(&out).iter().map(|b| b.num_rows()).sum();
+        assert_eq!(n, scored, "{name}");
+        let want: Vec<(String, String)> = dead
+            .iter()
+            .map(|i| (i.to_string(), "null".to_string()))
+            .collect();
+        assert_eq!(dead_letters(&out), want, "{name}");
+    }
+}

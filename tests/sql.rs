@@ -464,3 +464,40 @@ fn reference_scores_in_sql_come_from_the_model_calibration() {
         assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{a} vs {b}");
     }
 }
+
+/// Real-world layouts in SQL as in pipelines: a directory of files from different writers is one
+/// table, INT96 timestamps outside 1677-2262 read as written, and a NULL argument to a scoring
+/// function plans and gives NULL.
+#[test]
+fn mixed_writers_int96_and_null_arguments() {
+    let cases = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/cases");
+    let m = format!("m={}", cases.join("mixed-writers/in").display());
+    let t = format!("t={}", cases.join("int96-timestamps").display());
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist.safetensors");
+    let (ok, out, err) = glowwatch(
+        &[
+            "sql",
+            "--device",
+            "cpu",
+            "--format",
+            "csv",
+            "--table",
+            &m,
+            "--table",
+            &t,
+            "--model",
+            model.to_str().unwrap(),
+            "SELECT (SELECT count(ood_log_p(image)) FROM m) AS scored, \
+             (SELECT min(capture_time) FROM t) AS lo, (SELECT max(capture_time) FROM t) AS hi, \
+             ood_score(NULL) IS NULL AS a, ood_log_p(NULL) IS NULL AS b, \
+             ood_score(image, NULL) IS NULL AS c FROM m LIMIT 1",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines().nth(1).unwrap(),
+        "6,1000-01-01T00:00:00,3000-01-01T00:00:00,true,true,true",
+        "{out}"
+    );
+}

@@ -13,6 +13,7 @@ pub mod udf;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::pipeline::source::parquet::ParquetSource;
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::catalog::TableProvider;
@@ -136,17 +137,27 @@ impl SqlSession {
                 url.scheme()
             )));
         }
-        let options =
-            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        // INT96 timestamps (Spark's) as microseconds: nanoseconds wrap outside 1677-2262.
+        let format = ParquetFormat::default().with_coerce_int96(Some("us".into()));
+        let options = ListingOptions::new(Arc::new(format)).with_file_extension(".parquet");
         let state = self.ctx.state();
-        let config = ListingTableConfig::new(url)
+        let partitioned = ListingTableConfig::new(url)
             .with_listing_options(options)
             .infer_partitions_from_path(&state)
             .await
-            .map_err(|e| table_err(e.to_string()))?
-            .infer_schema(&state)
-            .await
-            .map_err(|e| table_err(format!("{location}: {e}")))?;
+            .map_err(|e| table_err(e.to_string()))?;
+        let config = match partitioned.clone().infer_schema(&state).await {
+            Ok(c) => c,
+            // Files from different writers (string vs large_string, ...) do not merge in
+            // DataFusion's inference; the pipeline's source unifies them, and the scan casts
+            // each file's columns to that schema.
+            Err(e) if !is_url => {
+                let unified = ParquetSource::open(&[location.into()])
+                    .map_err(|_| table_err(format!("{location}: {e}")))?;
+                partitioned.with_schema(Arc::clone(unified.schema()))
+            }
+            Err(e) => return Err(table_err(format!("{location}: {e}"))),
+        };
         let table = ListingTable::try_new(config).map_err(|e| table_err(e.to_string()))?;
         if table.schema().fields().is_empty() {
             return Err(table_err(format!("{location} holds no Parquet files")));

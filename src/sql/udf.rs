@@ -177,6 +177,10 @@ impl ScalarUDFImpl for ScoreUdf {
     }
 
     fn return_type(&self, args: &[DataType]) -> Result<DataType> {
+        // A NULL argument (`ood_score(NULL)`) plans, and gives NULL.
+        if args.iter().any(|a| a == &DataType::Null) {
+            return Ok(DataType::Float64);
+        }
         if !is_byte_column(&args[0]) {
             return plan_err!(
                 "{}(image): image must be a binary column of encoded images, got {}",
@@ -201,6 +205,13 @@ impl ScalarUDFImpl for ScoreUdf {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let n = args.number_rows;
+        let is_null = |a: &ColumnarValue| match a {
+            ColumnarValue::Scalar(s) => s.is_null(),
+            ColumnarValue::Array(a) => a.data_type() == &DataType::Null,
+        };
+        if args.args.iter().skip(1).any(is_null) || is_null(&args.args[0]) {
+            return Ok(ColumnarValue::Array(Arc::new(Float64Array::new_null(n))));
+        }
         let images = args.args[0].to_array(n)?;
         let scales = self.models.scorer.scales();
         let scale: Option<usize> = match self.output {
