@@ -4,6 +4,7 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `glowwatch_records_consumed_total` | counter | |
+//! | `glowwatch_kafka_client_errors_total` | counter | | (errors of the Kafka clients; logged rate-limited) |
 //! | `glowwatch_records_scored_total` | counter | |
 //! | `glowwatch_records_flagged_total` | counter | `score` |
 //! | `glowwatch_dead_letters_total` | counter | `reason` |
@@ -22,6 +23,8 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use super::{PipelineError, Result};
 
 /// Records read from Kafka.
+/// Errors reported by the Kafka clients (consumer polls, librdkafka error callbacks).
+pub const KAFKA_CLIENT_ERRORS: &str = "glowwatch_kafka_client_errors_total";
 pub const CONSUMED: &str = "glowwatch_records_consumed_total";
 /// Records scored.
 pub const SCORED: &str = "glowwatch_records_scored_total";

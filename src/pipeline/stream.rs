@@ -49,6 +49,7 @@ use tracing::{info, warn};
 
 use super::config::{KafkaSourceConfig, PipelineConfig, SourceKind};
 use super::decode::{BatchOrigin, ImageColumns, decode_batch};
+use super::error_log::{ErrorLog, log_librdkafka};
 use super::flag::Status;
 use super::metrics::{self as m, QueueDepth};
 use super::models::{ModelWatcher, load_scorer};
@@ -128,12 +129,22 @@ impl Shared {
 }
 
 struct StreamContext {
+    errors: Arc<ErrorLog>,
     shared: Arc<Mutex<Shared>>,
     flush_now: Arc<AtomicBool>,
     drain_timeout: Duration,
 }
 
 impl ClientContext for StreamContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        log_librdkafka(&self.errors, "consumer", level, fac, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.errors
+            .error("consumer", &format_args!("{error}: {reason}"));
+    }
+
     fn stats(&self, s: Statistics) {
         for (topic, t) in &s.topics {
             for (p, ps) in &t.partitions {
@@ -357,9 +368,11 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
         commits: 0,
     }));
     let flush_now = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(ErrorLog::new(Duration::from_secs(30)));
     let consumer = consumer(
         &k,
         StreamContext {
+            errors: Arc::clone(&errors),
             shared: Arc::clone(&shared),
             flush_now: Arc::clone(&flush_now),
             drain_timeout: Duration::from_millis(k.drain_timeout_ms),
@@ -492,6 +505,7 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                 };
                 match consumer.poll(timeout) {
                     Some(Ok(msg)) => {
+                        errors.success("consumer");
                         let tp = (msg.topic().to_string(), msg.partition());
                         let generation = shared
                             .lock()
@@ -503,7 +517,7 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                         consumed += 1;
                         counter!(m::CONSUMED).increment(1);
                     }
-                    Some(Err(e)) => warn!("consumer: {e}"),
+                    Some(Err(e)) => errors.error("consumer", &e),
                     None => {}
                 }
                 let due = pending.len() >= k.max_batch_rows

@@ -19,6 +19,8 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 /// A message to produce: key, value (None = null), headers.
 pub type Produce = (String, Option<Vec<u8>>, Vec<(String, String)>);
+/// A message with any key bytes (or none) and header values of any bytes.
+pub type RawProduce = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Vec<u8>)>);
 
 fn tansu_binary() -> PathBuf {
     if let Ok(p) = std::env::var("TANSU") {
@@ -131,10 +133,28 @@ impl Broker {
     /// Produces `(key, value, headers)` messages and waits until all are acknowledged.
     /// Messages are spread over partitions by key.
     pub fn produce(&self, topic: &str, messages: &[Produce]) {
+        let raw: Vec<RawProduce> = messages
+            .iter()
+            .map(|(k, v, h)| {
+                let h = h
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_bytes().to_vec()))
+                    .collect();
+                (Some(k.as_bytes().to_vec()), v.clone(), h)
+            })
+            .collect();
+        self.produce_with(topic, &raw, "none");
+    }
+
+    /// Produces `(key bytes or none, value, headers with byte values)` messages in batches
+    /// compressed with `codec` (librdkafka's `compression.type`: none, gzip, snappy, lz4,
+    /// zstd) and waits until all are acknowledged.
+    pub fn produce_with(&self, topic: &str, messages: &[RawProduce], codec: &str) {
         let p: FutureProducer = self
             .config()
             .set("acks", "all")
             .set("linger.ms", "5")
+            .set("compression.type", codec)
             .create()
             .unwrap();
         self.runtime.block_on(async {
@@ -144,10 +164,13 @@ impl Broker {
                 for (k, v) in headers {
                     h = h.insert(Header {
                         key: k,
-                        value: Some(v),
+                        value: Some(v.as_slice()),
                     });
                 }
-                let mut r = FutureRecord::to(topic).key(key).headers(h);
+                let mut r = FutureRecord::to(topic).headers(h);
+                if let Some(k) = key {
+                    r = r.key(k);
+                }
                 if let Some(v) = value {
                     r = r.payload(v);
                 }

@@ -8,6 +8,7 @@
 //! (`__connect.errors.topic`, `.partition`, `.offset`, `.exception.class.name` = reason,
 //! `.exception.message` = detail).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{Array, AsArray, RecordBatch};
@@ -17,12 +18,15 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
+use crate::pipeline::error_log::{ErrorLog, LimitedLogContext};
+
 use crate::pipeline::config::{KafkaSinkConfig, ScoredFormat};
 use crate::pipeline::{PipelineError, Result};
 
 /// Produces scored records and dead letters; see the module docs.
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: FutureProducer<LimitedLogContext>,
+    errors: Arc<ErrorLog>,
     scored_topic: Option<String>,
     dead_letter_topic: Option<String>,
     format: ScoredFormat,
@@ -48,8 +52,12 @@ impl KafkaSink {
         for (k, v) in &config.options {
             cc.set(k, v);
         }
-        let producer: FutureProducer = cc
-            .create()
+        let errors = Arc::new(ErrorLog::new(Duration::from_secs(30)));
+        let producer: FutureProducer<LimitedLogContext> = cc
+            .create_with_context(LimitedLogContext {
+                client: "producer",
+                errors: Arc::clone(&errors),
+            })
             .map_err(|e| kafka_err("creating the producer", e))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -57,6 +65,7 @@ impl KafkaSink {
             .map_err(|e| PipelineError::Stage(format!("kafka sink runtime: {e}")))?;
         Ok(Self {
             producer,
+            errors,
             scored_topic: config.scored_topic.clone(),
             dead_letter_topic: config.dead_letter_topic.clone(),
             format: config.format,
@@ -94,7 +103,7 @@ impl KafkaSink {
         self.runtime.block_on(async {
             for f in futures {
                 match f.await {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(_)) => self.errors.success("producer"),
                     Ok(Err((e, _))) => {
                         return Err(kafka_err(&format!("delivery to {topic}"), e));
                     }

@@ -1,7 +1,8 @@
 //! Kafka source: messages -> Arrow records of [`kafka_input_schema`].
 //!
 //! A message's value is the encoded image, its key the record id (when there is no key the id
-//! is `<topic>-<partition>-<offset>`), and the headers `content-type` / `content_type`,
+//! is `<topic>-<partition>-<offset>`; a key that is not UTF-8 is `hex:<its bytes>`), and the
+//! headers `content-type` / `content_type`,
 //! `source` and `capture-time` / `capture_time` (RFC 3339 or epoch milliseconds) become
 //! columns. In JSON-envelope mode the value is
 //! `{"id": ..., "image_b64": ..., "content_type": ..., "source": ..., "capture_time": ...}`
@@ -20,12 +21,57 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema, SchemaRef, TimeUnit};
 use base64::Engine;
 use rdkafka::Message;
-use rdkafka::message::Headers;
+use rdkafka::message::{BorrowedHeaders, OwnedHeaders};
 use serde::Deserialize;
 
 use crate::pipeline::Result;
 use crate::pipeline::config::MessageFormat;
 use crate::pipeline::schema::{dead_letter_schema, timestamp_type};
+
+/// Headers readable through librdkafka directly (both rdkafka header types).
+pub trait AsBorrowedHeaders {
+    /// The headers as rdkafka's zero-copy view.
+    fn borrowed(&self) -> &BorrowedHeaders;
+}
+
+impl AsBorrowedHeaders for BorrowedHeaders {
+    fn borrowed(&self) -> &BorrowedHeaders {
+        self
+    }
+}
+
+impl AsBorrowedHeaders for OwnedHeaders {
+    fn borrowed(&self) -> &BorrowedHeaders {
+        self.as_borrowed()
+    }
+}
+
+/// A message's header names (lossily as UTF-8) and values, read through librdkafka's C API:
+/// rdkafka's own `Headers` accessors panic on a header name that is not UTF-8
+/// (`CStr::to_str().unwrap()`), which would take the consumer down on one odd message.
+pub fn raw_headers(h: &BorrowedHeaders) -> Vec<(String, Option<&[u8]>)> {
+    use rdkafka::bindings as rd;
+    // `BorrowedHeaders` is rdkafka's zero-sized view whose address is the native
+    // `rd_kafka_headers_t` (how rdkafka itself converts it).
+    let ptr = h as *const BorrowedHeaders as *const rd::rd_kafka_headers_t;
+    let n = unsafe { rd::rd_kafka_header_cnt(ptr) };
+    (0..n)
+        .filter_map(|idx| {
+            let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
+            // SAFETY: `ptr` is valid while `h` is borrowed; librdkafka returns pointers into
+            // the headers it owns (name NUL-terminated, value of `size` bytes or null).
+            let err =
+                unsafe { rd::rd_kafka_header_get_all(ptr, idx, &mut name, &mut value, &mut size) };
+            if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+                return None;
+            }
+            let key = unsafe { std::ffi::CStr::from_ptr(name) };
+            let value = (!value.is_null())
+                .then(|| unsafe { std::slice::from_raw_parts(value as *const u8, size) });
+            Some((String::from_utf8_lossy(key.to_bytes()).into_owned(), value))
+        })
+        .collect()
+}
 
 /// The Arrow schema of records read from Kafka (what the scored output of a Kafka pipeline
 /// starts with).
@@ -101,9 +147,17 @@ pub fn parse_capture_time(v: &str) -> Option<i64> {
 
 impl KafkaRecord {
     /// Reads a consumed message.
-    pub fn from_message<M: Message>(m: &M, format: MessageFormat, generation: u64) -> Self {
+    pub fn from_message<M>(m: &M, format: MessageFormat, generation: u64) -> Self
+    where
+        M: Message,
+        M::Headers: AsBorrowedHeaders,
+    {
         let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
-        let key_id = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        // A key that is not UTF-8 becomes `hex:<bytes>`, so distinct keys stay distinct ids.
+        let key_id = m.key().map(|k| match std::str::from_utf8(k) {
+            Ok(k) => k.to_string(),
+            Err(_) => format!("hex:{}", hex::encode(k)),
+        });
         let mut r = KafkaRecord {
             id: key_id.unwrap_or_else(|| format!("{topic}-{partition}-{offset}")),
             image: m.payload().map(<[u8]>::to_vec),
@@ -118,11 +172,11 @@ impl KafkaRecord {
             generation,
         };
         if let Some(h) = m.headers() {
-            for h in h.iter() {
-                let Some(v) = h.value.map(|v| String::from_utf8_lossy(v).into_owned()) else {
+            for (key, value) in raw_headers(h.borrowed()) {
+                let Some(v) = value.map(|v| String::from_utf8_lossy(v).into_owned()) else {
                     continue;
                 };
-                match h.key {
+                match key.as_str() {
                     "content-type" | "content_type" => r.content_type = Some(v),
                     "source" => r.source = Some(v),
                     "capture-time" | "capture_time" => r.capture_time_us = parse_capture_time(&v),
@@ -385,5 +439,32 @@ mod tests {
                 41
             );
         }
+    }
+
+    /// Regression: a header name that is not UTF-8 panicked inside rdkafka's header accessor.
+    #[test]
+    fn a_header_name_that_is_not_utf8_is_read_not_a_panic() {
+        use rdkafka::bindings as rd;
+        let h = OwnedHeaders::new().insert(Header {
+            key: "source",
+            value: Some(&b"cam-\xff"[..]),
+        });
+        let ptr = h.as_borrowed() as *const BorrowedHeaders as *mut rd::rd_kafka_headers_t;
+        let name = b"bad-\xfe-name";
+        let value = b"x";
+        let err = unsafe {
+            rd::rd_kafka_header_add(
+                ptr,
+                name.as_ptr() as *const std::ffi::c_char,
+                name.len() as isize,
+                value.as_ptr() as *const std::ffi::c_void,
+                value.len() as isize,
+            )
+        };
+        assert_eq!(err, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+        let r =
+            KafkaRecord::from_message(&message(None, Some(b"\x89PNG"), h), MessageFormat::Image, 1);
+        assert_eq!(r.source.as_deref(), Some("cam-\u{fffd}"));
+        assert_eq!(r.id, "images-2-41");
     }
 }
