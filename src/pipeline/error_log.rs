@@ -118,40 +118,6 @@ impl ErrorLog {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_outage_logs_its_first_error_a_summary_per_interval_and_its_recovery() {
-        let log = ErrorLog::new(Duration::from_secs(30));
-        let t0 = Instant::now();
-        assert_eq!(log.on_success(t0), Decision::Healthy);
-        assert_eq!(log.on_error(t0), Decision::First);
-        // 40 errors a second for a minute: two summary lines, nothing else.
-        let mut lines = vec![];
-        for i in 1..=2400u64 {
-            let d = log.on_error(t0 + Duration::from_millis(25 * i));
-            if d != Decision::Suppressed {
-                lines.push(d);
-            }
-        }
-        assert_eq!(
-            lines,
-            [Decision::Summary { n: 1199 }, Decision::Summary { n: 1200 }]
-        );
-        let d = log.on_success(t0 + Duration::from_secs(61));
-        assert_eq!(
-            d,
-            Decision::Recovered {
-                total: 2401,
-                lasted: Duration::from_secs(61)
-            }
-        );
-        assert_eq!(log.on_error(t0 + Duration::from_secs(62)), Decision::First);
-    }
-}
-
 /// A librdkafka client context whose errors and warnings go through an [`ErrorLog`] (the
 /// producer's; the consumer's context does the same in [`super::stream`]).
 pub struct LimitedLogContext {
@@ -187,5 +153,39 @@ pub fn log_librdkafka(
         }
         L::Notice | L::Info => info!(client, "librdkafka {fac}: {message}"),
         L::Debug => tracing::debug!(client, "librdkafka {fac}: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_logs_its_first_error_a_summary_per_interval_and_its_recovery() {
+        let log = ErrorLog::new(Duration::from_secs(30));
+        let t0 = Instant::now();
+        assert_eq!(log.on_success(t0), Decision::Healthy);
+        assert_eq!(log.on_error(t0), Decision::First);
+        // 40 errors a second for a minute: two summary lines, nothing else.
+        let mut lines = vec![];
+        for i in 1..=2400u64 {
+            let d = log.on_error(t0 + Duration::from_millis(25 * i));
+            if d != Decision::Suppressed {
+                lines.push(d);
+            }
+        }
+        assert_eq!(
+            lines,
+            [Decision::Summary { n: 1199 }, Decision::Summary { n: 1200 }]
+        );
+        let d = log.on_success(t0 + Duration::from_secs(61));
+        assert_eq!(
+            d,
+            Decision::Recovered {
+                total: 2401,
+                lasted: Duration::from_secs(61)
+            }
+        );
+        assert_eq!(log.on_error(t0 + Duration::from_secs(62)), Decision::First);
     }
 }
