@@ -176,7 +176,7 @@ mod tests {
         }
         assert_eq!(
             lines,
-            [Decision::Summary { n: 1199 }, Decision::Summary { n: 1200 }]
+            [Decision::Summary { n: 1200 }, Decision::Summary { n: 1200 }]
         );
         let d = log.on_success(t0 + Duration::from_secs(61));
         assert_eq!(
