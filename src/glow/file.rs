@@ -263,11 +263,20 @@ impl GlowModel {
     /// Reads a model file written by [`GlowModel::save`] onto `device` (parameters in f32).
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
-        let err = |problem: String| GlowError::File {
+        let bytes = std::fs::read(path).map_err(|e| GlowError::File {
             path: path.display().to_string(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        Self::from_bytes(&bytes, &path.display().to_string(), device)
+    }
+
+    /// Reads a model file's bytes (`origin` names it in errors). Never panics: anything that
+    /// is not a complete, consistent model file is a [`GlowError::File`].
+    pub fn from_bytes(bytes: &[u8], origin: &str, device: &Device) -> Result<Self> {
+        let err = |problem: String| GlowError::File {
+            path: origin.to_string(),
             problem,
         };
-        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| {
             err(format!(
                 "not a valid safetensors file (truncated or corrupt?): {e}"
