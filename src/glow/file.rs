@@ -277,12 +277,12 @@ impl GlowModel {
             path: origin.to_string(),
             problem,
         };
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| {
             err(format!(
                 "not a valid safetensors file (truncated or corrupt?): {e}"
             ))
         })?;
-        let (_, header) = SafeTensors::read_metadata(&bytes)
+        let (_, header) = SafeTensors::read_metadata(bytes)
             .map_err(|e| err(format!("unreadable header: {e}")))?;
         let meta = header
             .metadata()
