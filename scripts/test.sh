@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The test command of README.md: installs what the tests need and is missing, then runs the
+# tests. Safe to run again: what is there is kept.
+#   - python readers for the interop test (pyarrow, duckdb: other Parquet readers than ours);
+#   - the tansu Kafka-protocol broker the Kafka tests start (../shared/docs/stack.md), built
+#     from crates.io into ~/.local (15-20 min the first time; it builds while fmt and clippy run).
+# Then: cargo fmt --check, cargo clippy -D warnings, cargo test (arguments are passed on:
+# `scripts/test.sh --test sql`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.local/bin:$PATH"
+
+echo "== python readers for the interop test"
+if ! python3 -c "import pyarrow, duckdb" >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check pyarrow==26.0.1 duckdb==2.0.1
+fi
+
+tansu_pid=""
+tansu_log="$(mktemp)"
+if tansu --version >/dev/null 2>&1; then
+  echo "== tansu: $(tansu --version)"
+else
+  echo "== installing tansu 0.6.0 in the background (log: $tansu_log)"
+  cargo install tansu@0.6.0 --locked --features dynostore,libsql --root "$HOME/.local" \
+    >"$tansu_log" 2>&1 &
+  tansu_pid=$!
+fi
+
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets -- -D warnings
+
+if [ -n "$tansu_pid" ]; then
+  echo "== waiting for the tansu install"
+  if ! wait "$tansu_pid"; then
+    tail -50 "$tansu_log"
+    echo "tansu install failed" >&2
+    exit 1
+  fi
+  tansu --version
+fi
+
+echo "== cargo test $*"
+cargo test "$@"
