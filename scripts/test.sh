@@ -11,9 +11,22 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.local/bin:$PATH"
 
 echo "== python readers for the interop test"
+py_pkgs=(pyarrow==26.0.1 duckdb==2.0.1)
+pip_q=(--quiet --disable-pip-version-check)
 if ! python3 -c "import pyarrow, duckdb" >/dev/null 2>&1; then
-  python3 -m pip install --quiet --disable-pip-version-check pyarrow==26.0.1 duckdb==2.0.1
+  # A plain pip install where Python allows it; where the system Python is "externally
+  # managed" (Debian, PEP 668): a virtual environment under target/, or else a user install.
+  if ! python3 -m pip install "${pip_q[@]}" "${py_pkgs[@]}" 2>/dev/null; then
+    venv="$PWD/target/python"
+    if python3 -m venv "$venv" >/dev/null 2>&1 && "$venv/bin/pip" install "${pip_q[@]}" "${py_pkgs[@]}"; then
+      export PATH="$venv/bin:$PATH"
+    else
+      python3 -m pip install "${pip_q[@]}" --user --break-system-packages "${py_pkgs[@]}"
+    fi
+  fi
 fi
+if [ -x target/python/bin/python3 ]; then export PATH="$PWD/target/python/bin:$PATH"; fi
+python3 -c "import pyarrow, duckdb; print('   pyarrow', pyarrow.__version__, '| duckdb', duckdb.__version__)"
 
 tansu_pid=""
 tansu_log="$(mktemp)"
