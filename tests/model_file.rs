@@ -255,3 +255,49 @@ fn broken_files_give_errors_naming_file_and_problem() {
     );
     assert!(load_err(&p("badcfg.safetensors")).contains("badcfg.safetensors"));
 }
+
+/// 16-bit model files (for moving models within a file-size limit) load exactly what was
+/// saved: the rounded weights, under the id of the rounded weights.
+#[test]
+fn sixteen_bit_files_load_exactly_what_was_saved() {
+    use candle_core::DType;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = glowwatch::glow::GlowConfig::small(1);
+    let m = GlowModel::new_random(&cfg, 3, &Device::Cpu).unwrap();
+    m.perturb(4, 0.05).unwrap();
+    let f32_path = dir.path().join("m.safetensors");
+    let f32_id = m.save(&f32_path).unwrap();
+    for dtype in [DType::F16, DType::BF16] {
+        let p = dir.path().join(format!("m-{dtype:?}.safetensors"));
+        let id = m.save_as(&p, dtype).unwrap();
+        assert_ne!(id, f32_id, "{dtype:?}: rounded weights are other weights");
+        let size = std::fs::metadata(&p).unwrap().len() as f64;
+        let full = std::fs::metadata(&f32_path).unwrap().len() as f64;
+        assert!(size < 0.55 * full, "{dtype:?}: {size} vs {full} bytes");
+        let loaded = GlowModel::load(&p, &Device::Cpu).unwrap();
+        assert_eq!(loaded.model_id().unwrap(), id);
+        let original = m.varmap.data().lock().unwrap();
+        for (name, var) in loaded.varmap.data().lock().unwrap().iter() {
+            let want = original[name]
+                .as_tensor()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let got = var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dtype:?} {name}"
+            );
+        }
+        // Saving the loaded model again in the same dtype changes nothing.
+        let again = dir.path().join("again.safetensors");
+        assert_eq!(loaded.save_as(&again, dtype).unwrap(), id);
+    }
+}

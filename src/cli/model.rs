@@ -73,6 +73,18 @@ pub enum ModelCommand {
         #[arg(long)]
         trained_on: Option<String>,
     },
+    /// Write a model file with its weights stored as f32, f16 or bf16 (16 bits: half the size;
+    /// the weights are rounded, so the converted file has its own id).
+    Convert {
+        /// Model file.
+        path: PathBuf,
+        /// Output model file.
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, f16 or bf16.
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+    },
     /// Print a model file's id, config, card and size.
     Info {
         /// Model file.
@@ -170,6 +182,18 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 model.param_count()
             );
             println!("{id}  {}", out.display());
+        }
+        ModelCommand::Convert { path, out, dtype } => {
+            let dtype = match dtype.as_str() {
+                "f32" => DType::F32,
+                "f16" => DType::F16,
+                "bf16" => DType::BF16,
+                other => anyhow::bail!("--dtype must be f32, f16 or bf16, not {other}"),
+            };
+            let model = GlowModel::load(&path, &Device::Cpu)?;
+            let id = model.save_as(&out, dtype)?;
+            let size = std::fs::metadata(&out)?.len();
+            println!("{id}  {}  ({size} bytes, weights {dtype:?})", out.display());
         }
         ModelCommand::Info { path } => {
             let model = GlowModel::load(&path, &Device::Cpu)?;

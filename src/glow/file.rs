@@ -1,4 +1,5 @@
-//! Model files: one safetensors file holding the weights (f32) and, in its metadata, the format
+//! Model files: one safetensors file holding the weights (f32, or f16/bf16 when saved so with
+//! [`GlowModel::save_as`]; always loaded as f32) and, in its metadata, the format
 //! version, the config (JSON), a model card (JSON) and the model id, a content hash of config and
 //! weights that is verified on load. Loading never panics: a missing, truncated, corrupted or
 //! mismatched file is a [`GlowError::File`] naming the file and the problem.
@@ -229,17 +230,36 @@ impl GlowModel {
 
     /// Writes the model atomically (temporary file, fsync, rename) as f32 safetensors.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<String> {
+        self.save_as(path, DType::F32)
+    }
+
+    /// Writes the model with its weights stored as `dtype` (F32, F16 or BF16): half the size
+    /// in 16 bits, for moving models within a file-size limit (the GPU machine returns files
+    /// of at most 16 MiB). The weights are rounded to `dtype` first; the id is that of the
+    /// rounded weights, so [`GlowModel::load`] restores exactly what was saved (as f32) and a
+    /// 16-bit file has another id than its f32 source. Returns the id.
+    pub fn save_as(&self, path: impl AsRef<Path>, dtype: DType) -> Result<String> {
         let path = path.as_ref();
         let file_err = |problem: String| GlowError::File {
             path: path.display().to_string(),
             problem,
         };
-        let tensors = self
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(file_err(format!(
+                "weights can be stored as f32, f16 or bf16, not {dtype:?}"
+            )));
+        }
+        let stored = self
             .named_tensors()
             .into_iter()
-            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+            .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.to_dtype(dtype)?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
-        let id = model_id(self.config(), &tensors)?;
+        let rounded = stored
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F32)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let id = model_id(self.config(), &rounded)?;
+        let tensors = stored;
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), FORMAT.to_string());
         meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
@@ -320,9 +340,12 @@ impl GlowModel {
                 let view = st
                     .tensor(name)
                     .map_err(|_| err(format!("tensor `{name}` is missing")))?;
-                if view.dtype() != safetensors::Dtype::F32 {
+                if !matches!(
+                    view.dtype(),
+                    safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
+                ) {
                     return Err(err(format!(
-                        "tensor `{name}` has dtype {:?}, expected F32",
+                        "tensor `{name}` has dtype {:?}, expected F32 (or F16, BF16)",
                         view.dtype()
                     )));
                 }
@@ -333,7 +356,10 @@ impl GlowModel {
                         var.dims()
                     )));
                 }
-                let t = view.load(&Device::Cpu).map_err(|e| err(e.to_string()))?;
+                let t = view
+                    .load(&Device::Cpu)
+                    .map_err(|e| err(e.to_string()))?
+                    .to_dtype(DType::F32)?;
                 var.set(&t.to_device(device)?)?;
                 loaded.insert(name.clone(), t);
             }
