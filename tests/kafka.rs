@@ -300,7 +300,11 @@ fn malformed_messages_and_envelopes_go_to_the_dead_letter_topic() {
         .collect();
     let bad: Vec<(&str, Option<Vec<u8>>, &str)> = vec![
         ("random", Some(random), "unknown_format"),
-        ("truncated", Some(png[..png.len() / 2].to_vec()), "corrupt"),
+        (
+            "truncated",
+            Some(png[..png.len() / 2].to_vec()),
+            "truncated",
+        ),
         ("empty", Some(vec![]), "empty"),
         ("tombstone", None, "null"),
     ];

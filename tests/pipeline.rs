@@ -360,7 +360,7 @@ fn every_row_once_schemas_sums_and_dead_letters() {
             ("empty".into(), "empty".into()),
             ("null".into(), "null".into()),
             ("junk".into(), "unknown_format".into()),
-            ("truncated".into(), "corrupt".into()),
+            ("truncated".into(), "truncated".into()),
             ("huge-header".into(), "too_large".into()),
         ]
     );

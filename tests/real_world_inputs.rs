@@ -586,3 +586,36 @@ fn dictionary_and_hugging_face_image_columns_are_read_and_nulls_dead_lettered() 
         assert_eq!(dead_letters(&out), want, "{name}");
     }
 }
+
+/// The truncation policy holds for PNG and WebP too: a PNG missing only its IEND chunk decodes
+/// to the full file's pixels; PNG or WebP data cut short is `truncated`, not `corrupt`.
+#[test]
+fn png_and_webp_cut_short_are_truncated_and_a_missing_png_end_chunk_is_not() {
+    use glowwatch::pipeline::decode::DecodeReason;
+    let img = image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(48, 40, |x, y| {
+        image::Luma([((x * 31 + y * 17) % 251) as u8])
+    }));
+    let encode = |f: image::ImageFormat| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, f).unwrap();
+        out.into_inner()
+    };
+    let limits = DecodeLimits::default();
+    let png = encode(image::ImageFormat::Png);
+    let full = decode_upright(&png, &limits).unwrap().to_luma8();
+    let no_iend = decode_upright(&png[..png.len() - 12], &limits)
+        .unwrap()
+        .to_luma8();
+    assert_eq!(full, no_iend);
+    for (name, bytes) in [("png", png), ("webp", encode(image::ImageFormat::WebP))] {
+        for pct in [30, 60, 90] {
+            let cut = &bytes[..bytes.len() * pct / 100];
+            let e = decode_upright(cut, &limits).err().unwrap();
+            assert_eq!(
+                e.reason,
+                DecodeReason::Truncated,
+                "{name} cut at {pct} %: {e}"
+            );
+        }
+    }
+}

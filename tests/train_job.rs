@@ -317,7 +317,7 @@ fn undecodable_rows_are_skipped_counted_and_named() {
     assert_eq!(read.pixels, good.pixels[..2048].to_vec());
     assert_eq!(skipped.total(), 3);
     assert_eq!(skipped.ids, vec!["empty", "junk", "truncated"]);
-    assert_eq!(skipped.by_reason["corrupt"], 1);
+    assert_eq!(skipped.by_reason["truncated"], 1);
     // Splits partition the rows.
     let n = |s: Split| {
         data.clone()

@@ -140,16 +140,51 @@ pub fn decode_upright(
             "not a PNG, JPEG or WebP image (unrecognised signature)",
         ));
     }
-    if format == Some(image::ImageFormat::Jpeg) {
-        if let Some(what) = jpeg::unsupported(bytes) {
-            return Err(fail(DecodeReason::Unsupported, what));
+    match format {
+        Some(image::ImageFormat::Jpeg) => {
+            if let Some(what) = jpeg::unsupported(bytes) {
+                return Err(fail(DecodeReason::Unsupported, what));
+            }
+            if !bytes.ends_with(&[0xFF, 0xD9]) {
+                return jpeg::missing_end_marker(bytes, |b| decode_any(b, limits));
+            }
         }
-        if !bytes.ends_with(&[0xFF, 0xD9]) {
-            return jpeg::missing_end_marker(bytes, |b| decode_any(b, limits));
+        Some(image::ImageFormat::Png) if !bytes.ends_with(&PNG_IEND) => {
+            // All image data there, only the end chunk missing: decoded, as libpng does; data
+            // cut short fails the zlib stream's checks and is `truncated`.
+            return decode_any(&[bytes, &PNG_IEND[..]].concat(), limits).map_err(|e| {
+                fail(
+                    DecodeReason::Truncated,
+                    format!(
+                        "PNG data ends before the image is complete ({} bytes, no IEND chunk): {}",
+                        bytes.len(),
+                        e.detail
+                    ),
+                )
+            });
         }
+        Some(image::ImageFormat::WebP) => {
+            // RIFF header: bytes 4..8 give the file's length minus 8.
+            let declared = bytes
+                .get(4..8)
+                .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize + 8);
+            if let Some(declared) = declared.filter(|&d| d > bytes.len()) {
+                return Err(fail(
+                    DecodeReason::Truncated,
+                    format!(
+                        "WebP data ends before the image is complete ({} of {declared} bytes)",
+                        bytes.len()
+                    ),
+                ));
+            }
+        }
+        _ => {}
     }
     decode_any(bytes, limits)
 }
+
+/// The IEND chunk that ends every PNG: length 0, type, CRC.
+const PNG_IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82];
 
 /// Decodes a PNG, JPEG or WebP with `image` under the limits, EXIF orientation applied.
 fn decode_any(
