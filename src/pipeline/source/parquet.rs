@@ -100,6 +100,9 @@ fn int96_as_micros(meta: &ArrowReaderMetadata) -> Option<SchemaRef> {
 /// `None` when they hold different kinds of values.
 pub fn unify(a: &DataType, b: &DataType) -> Option<DataType> {
     use DataType::*;
+    if a == b {
+        return Some(a.clone());
+    }
     let plain = |t: &DataType| match t {
         Dictionary(_, v) => v.as_ref().clone(),
         t => t.clone(),
@@ -316,5 +319,24 @@ impl ParquetSource {
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         Ok(RecordBatch::try_new(schema, columns)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writers_encodings_unify_and_different_kinds_do_not() {
+        use DataType::*;
+        let dict = |v: DataType| Dictionary(Box::new(Int32), Box::new(v));
+        assert_eq!(unify(&Utf8, &LargeUtf8), Some(Utf8));
+        assert_eq!(unify(&Utf8View, &Utf8), Some(Utf8));
+        assert_eq!(unify(&LargeBinary, &Binary), Some(Binary));
+        assert_eq!(unify(&dict(Binary), &LargeBinary), Some(Binary));
+        assert_eq!(unify(&dict(Utf8), &dict(Utf8)), Some(dict(Utf8)));
+        assert_eq!(unify(&Int64, &Int64), Some(Int64));
+        assert_eq!(unify(&Utf8, &Binary), None);
+        assert_eq!(unify(&Int32, &Int64), None);
     }
 }
