@@ -153,6 +153,9 @@ pub fn decode_upright(
             // All image data there, only the end chunk missing: decoded, as libpng does; data
             // cut short fails the zlib stream's checks and is `truncated`.
             return decode_any(&[bytes, &PNG_IEND[..]].concat(), limits).map_err(|e| {
+                if e.reason != DecodeReason::Corrupt {
+                    return e; // e.g. a header beyond the limits: that is what is wrong
+                }
                 fail(
                     DecodeReason::Truncated,
                     format!(
@@ -861,7 +864,7 @@ mod tests {
             reason(b"definitely not an image"),
             DecodeReason::UnknownFormat
         );
-        assert_eq!(reason(&good[..good.len() / 2]), DecodeReason::Corrupt);
+        assert_eq!(reason(&good[..good.len() / 2]), DecodeReason::Truncated);
         assert_eq!(reason(&huge_header_png(50_000)), DecodeReason::TooLarge);
         let small = DecodeLimits {
             max_bytes: 10,
