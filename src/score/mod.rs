@@ -20,6 +20,7 @@
 
 pub mod calibration;
 pub mod complexity;
+pub mod drift;
 pub mod kind;
 pub mod reference;
 
