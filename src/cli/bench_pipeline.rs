@@ -202,6 +202,7 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
         ),
         summary: SummaryConfig::default(),
         metrics: Default::default(),
+        drift: Default::default(),
     };
     let s = run_pipeline(&pcfg)?;
     println!("{:<44} {:>12}", "measurement", "value");

@@ -57,6 +57,14 @@ pub(super) fn print_summary(s: &RunSummary, json: bool) -> Result<()> {
     if let Some(a) = s.auroc {
         println!("  AUROC of {} against the truth column: {a:.4}", s.score);
     }
+    if !s.drift_alarms.is_empty() {
+        let list: Vec<String> = s
+            .drift_alarms
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!("  drift alarms: {}", list.join(", "));
+    }
     println!(
         "  models: {} (in), {}",
         s.model_id,

@@ -152,6 +152,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         ),
         summary: SummaryConfig::default(),
         metrics: Default::default(),
+        drift: Default::default(),
     };
     let s = run_pipeline(&cfg)?;
     print_summary(&s, a.json)

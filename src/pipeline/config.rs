@@ -35,6 +35,54 @@ pub struct PipelineConfig {
     /// The Prometheus `/metrics` endpoint of a streaming pipeline.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Drift alarms on the score distributions.
+    #[serde(default)]
+    pub drift: DriftConfigToml,
+}
+
+/// Drift alarms (`[drift]`): an online two-sample Cramér–von Mises test of each watched
+/// score's live distribution against its calibration quantiles (`crate::score::drift`). On
+/// whenever the calibration has quantiles; watched: the flagged score and each scale's
+/// likelihood ratio (each scale's -lp without a general model).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftConfigToml {
+    /// Off switch.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Window sizes (records).
+    #[serde(default = "default_drift_windows")]
+    pub windows: Vec<usize>,
+    /// Expected run time between false alarms, in records.
+    #[serde(default = "default_drift_ert")]
+    pub ert: f64,
+    /// Records between two checks.
+    #[serde(default = "default_drift_stride")]
+    pub stride: usize,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_drift_windows() -> Vec<usize> {
+    vec![64, 256]
+}
+fn default_drift_ert() -> f64 {
+    10_000.0
+}
+fn default_drift_stride() -> usize {
+    16
+}
+
+impl Default for DriftConfigToml {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            windows: default_drift_windows(),
+            ert: default_drift_ert(),
+            stride: default_drift_stride(),
+        }
+    }
 }
 
 /// The Prometheus endpoint.

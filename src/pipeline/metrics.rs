@@ -5,6 +5,8 @@
 //! |---|---|---|
 //! | `glowwatch_records_consumed_total` | counter | |
 //! | `glowwatch_kafka_client_errors_total` | counter | | (errors of the Kafka clients; logged rate-limited) |
+//! | `glowwatch_drift_alarm` | gauge | `score` (1 while drifting) |
+//! | `glowwatch_drift_statistic`, `glowwatch_drift_threshold` | gauge | `score`, `window` |
 //! | `glowwatch_records_scored_total` | counter | |
 //! | `glowwatch_records_flagged_total` | counter | `score` |
 //! | `glowwatch_dead_letters_total` | counter | `reason` |
@@ -25,6 +27,12 @@ use super::{PipelineError, Result};
 /// Records read from Kafka.
 /// Errors reported by the Kafka clients (consumer polls, librdkafka error callbacks).
 pub const KAFKA_CLIENT_ERRORS: &str = "glowwatch_kafka_client_errors_total";
+/// 1 while the last drift check of a score exceeded a threshold (`score`).
+pub const DRIFT_ALARM: &str = "glowwatch_drift_alarm";
+/// Last Cramér–von Mises statistic of a score's window (`score`, `window`).
+pub const DRIFT_STATISTIC: &str = "glowwatch_drift_statistic";
+/// The threshold it is compared with (`score`, `window`).
+pub const DRIFT_THRESHOLD: &str = "glowwatch_drift_threshold";
 pub const CONSUMED: &str = "glowwatch_records_consumed_total";
 /// Records scored.
 pub const SCORED: &str = "glowwatch_records_scored_total";

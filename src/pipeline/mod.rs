@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod drift;
 pub mod error_log;
 pub mod flag;
 pub mod metrics;

@@ -86,6 +86,35 @@ pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
     Ok((scorer, flagger))
 }
 
+/// The drift alarms of a pipeline scoring with `scorer` and `flagger`: referenced by the same
+/// calibration the threshold comes from; `None` without one (a fixed threshold), when it has
+/// no quantiles, or with `[drift] enabled = false`.
+pub fn drift_monitor(
+    cfg: &PipelineConfig,
+    scorer: &ModelScorer,
+    flagger: &Flagger,
+) -> Result<Option<super::drift::DriftMonitor>> {
+    let (_, _, registry_cal) = in_model(cfg)?;
+    let path = match (&cfg.flag.threshold, &cfg.flag.calibration) {
+        (Some(_), _) => return Ok(None),
+        (None, Some(p)) => Some(p.clone()),
+        (None, None) => registry_cal,
+    };
+    let cal = path
+        .map(|p| Calibration::load(&p))
+        .transpose()
+        .map_err(PipelineError::Config)?
+        .filter(|c| c.belongs_to(scorer.in_model_id(), scorer.general_model_id()));
+    super::drift::DriftMonitor::new(
+        &cfg.drift,
+        cal.as_ref(),
+        flagger.score,
+        scorer.scales(),
+        scorer.general_model_id().is_some(),
+    )
+    .map_err(PipelineError::Config)
+}
+
 /// Watches a registry's `current` pointer (a small file read per batch).
 pub struct ModelWatcher {
     registry: Registry,

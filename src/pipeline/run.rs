@@ -22,7 +22,7 @@ use serde::Serialize;
 use super::config::{PipelineConfig, SourceKind};
 use super::decode::{BatchOrigin, DecodedBatch, decode_batch};
 use super::flag::Status;
-use super::models::{ModelWatcher, load_scorer};
+use super::models::{ModelWatcher, drift_monitor, load_scorer};
 use super::schema::{dead_letter_schema, scored_schema};
 use super::score::scored_batch;
 use super::sink::{ParquetSink, WrittenFile};
@@ -67,6 +67,10 @@ pub struct RunSummary {
     pub rows_per_s: f64,
     /// AUROC of the flagged score against the truth column, when configured.
     pub auroc: Option<f64>,
+    /// Drift alarms started, per watched score (empty when none, or drift is off).
+    pub drift_alarms: BTreeMap<String, u64>,
+    /// Record (among the scored) of each score's first drift alarm.
+    pub drift_first_alarm: BTreeMap<String, u64>,
 }
 
 impl RunSummary {
@@ -116,6 +120,7 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
         ));
     }
     let (mut scorer, mut flagger) = load_scorer(cfg)?;
+    let mut drift = drift_monitor(cfg, &scorer, &flagger)?;
     let mut watcher = ModelWatcher::new(cfg, scorer.version())?;
 
     // Check the input before any work.
@@ -225,6 +230,8 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
             elapsed_s: 0.0,
             rows_per_s: 0.0,
             auroc: None,
+            drift_alarms: BTreeMap::new(),
+            drift_first_alarm: BTreeMap::new(),
         };
         let mut truth: (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
         let score_result = (|| -> Result<()> {
@@ -234,9 +241,17 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
                 {
                     scorer = s;
                     flagger = f;
+                    // A new version comes with its own calibration: fresh detectors.
+                    if let Some(d) = drift.take() {
+                        merge_alarms(&mut sum.drift_alarms, &mut sum.drift_first_alarm, d);
+                    }
+                    drift = drift_monitor(cfg, &scorer, &flagger)?;
                 }
                 let at = SystemTime::now();
                 let scores = scorer.score_pixels(&d.pixels)?;
+                if let Some(m) = &mut drift {
+                    m.observe(&scores);
+                }
                 let (scored, flags) =
                     scored_batch(&out_schema, &d.rows, &scores, &scorer, &flagger, at)?;
                 sum.scored += scored.num_rows() as u64;
@@ -285,6 +300,9 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
         decoded?;
         let (scored_files, dead_files) = sunk?;
         score_result?;
+        if let Some(d) = drift.take() {
+            merge_alarms(&mut sum.drift_alarms, &mut sum.drift_first_alarm, d);
+        }
         sum.rows_in = rows_in;
         sum.scored_files = scored_files
             .iter()
@@ -307,4 +325,18 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
         }
         Ok(sum)
     })
+}
+
+/// Adds one monitor's alarms to a run's (first alarms: the earliest kept).
+pub(super) fn merge_alarms(
+    into: &mut BTreeMap<String, u64>,
+    first: &mut BTreeMap<String, u64>,
+    from: super::drift::DriftMonitor,
+) {
+    for (k, v) in from.alarms {
+        *into.entry(k).or_default() += v;
+    }
+    for (k, v) in from.first_alarm {
+        first.entry(k).or_insert(v);
+    }
 }

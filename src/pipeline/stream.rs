@@ -52,8 +52,9 @@ use super::decode::{BatchOrigin, ImageColumns, decode_batch};
 use super::error_log::{ErrorLog, log_librdkafka};
 use super::flag::Status;
 use super::metrics::{self as m, QueueDepth};
-use super::models::{ModelWatcher, load_scorer};
+use super::models::{ModelWatcher, drift_monitor, load_scorer};
 use super::offsets::{BatchSeq, OffsetTracker, PartitionRange, TopicPartition};
+use super::run::merge_alarms;
 use super::run::{join, run_id, send};
 use super::schema::{dead_letter_schema, scored_schema};
 use super::score::scored_batch;
@@ -99,6 +100,10 @@ pub struct StreamSummary {
     pub dead_letter_files: Vec<String>,
     /// Wall time in seconds.
     pub elapsed_s: f64,
+    /// Drift alarms started, per watched score.
+    pub drift_alarms: BTreeMap<String, u64>,
+    /// Record (among the scored) of each score's first drift alarm.
+    pub drift_first_alarm: BTreeMap<String, u64>,
 }
 
 /// State shared by the consumer loop and the rebalance callback (both run on the consumer
@@ -697,6 +702,7 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
 
         // Score + flag on this thread.
         let score_name = flagger.score.to_string();
+        let mut drift = drift_monitor(cfg, &scorer, &flagger)?;
         let score_result = (|| -> Result<()> {
             for d in dec_rx {
                 SCORE_Q.pop();
@@ -705,9 +711,16 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                 {
                     scorer = s;
                     flagger = f;
+                    if let Some(m) = drift.take() {
+                        merge_alarms(&mut summary.drift_alarms, &mut summary.drift_first_alarm, m);
+                    }
+                    drift = drift_monitor(cfg, &scorer, &flagger)?;
                 }
                 let at = SystemTime::now();
                 let scores = scorer.score_pixels(&d.pixels)?;
+                if let Some(m) = &mut drift {
+                    m.observe(&scores);
+                }
                 let (scored, flags) =
                     scored_batch(&out_schema, &d.rows, &scores, &scorer, &flagger, at)?;
                 let flagged = flags.iter().filter(|f| f.is_ood).count() as u64;
@@ -748,6 +761,9 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
         decoded?;
         let (scored_files, dead_files) = sunk?;
         score_result?;
+        if let Some(m) = drift.take() {
+            merge_alarms(&mut summary.drift_alarms, &mut summary.drift_first_alarm, m);
+        }
         summary.consumed = consumed;
         summary.dropped_on_revoke = dropped;
         summary.commits = shared.lock().expect("consumer state").commits;

@@ -30,6 +30,32 @@ pub struct Threshold {
     pub data: String,
     /// When (RFC 3339).
     pub created: String,
+    /// The score's distribution on the calibration images: 1,001 quantiles (0, 0.1 %, ...,
+    /// 100 %) of its finite values, the reference of the drift alarms. Empty in calibrations
+    /// written before they existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quantiles: Vec<f64>,
+}
+
+/// Number of quantiles a calibration stores per score.
+pub const QUANTILES: usize = 1001;
+
+/// `QUANTILES` evenly spaced quantiles (linear interpolation) of the finite `scores`; empty when
+/// there are none.
+pub fn quantiles(scores: &[f64]) -> Vec<f64> {
+    let mut v: Vec<f64> = scores.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return vec![];
+    }
+    v.sort_by(f64::total_cmp);
+    (0..QUANTILES)
+        .map(|i| {
+            let pos = i as f64 / (QUANTILES - 1) as f64 * (v.len() - 1) as f64;
+            let (lo, frac) = (pos.floor() as usize, pos.fract());
+            let hi = (lo + 1).min(v.len() - 1);
+            v[lo] + frac * (v[hi] - v[lo])
+        })
+        .collect()
 }
 
 /// The thresholds calibrated for one pair of models, stored beside the model
@@ -124,6 +150,7 @@ pub fn calibrate(scores: &[f64], target_fpr: f64, data: &str) -> Threshold {
         non_finite,
         data: data.into(),
         created: crate::glow::file::now_rfc3339(),
+        quantiles: quantiles(scores),
     }
 }
 
@@ -139,6 +166,11 @@ mod tests {
         assert_eq!(flagged, 10);
         let c = calibrate(&scores, 0.05, "test");
         assert_eq!(c.expected_flag_rate, 0.05);
+        assert_eq!(c.quantiles.len(), QUANTILES);
+        assert_eq!(
+            (c.quantiles[0], c.quantiles[500], c.quantiles[1000]),
+            (0.0, 499.5, 999.0)
+        );
         assert!(c.flag_rate_ci95.0 < 0.05 && c.flag_rate_ci95.1 > 0.05);
         // Ties never push the flag rate above the target; non-finite scores are flagged.
         let mut tied = vec![1.0; 100];

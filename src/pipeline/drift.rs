@@ -1,0 +1,160 @@
+//! Drift alarms of a running pipeline: one [`CvmDetector`] per watched score (the flagged score,
+//! and each scale's likelihood ratio, or each scale's -lp without a general model), referenced
+//! by the calibration's quantiles of that score. An alarm is a Prometheus gauge
+//! (`glowwatch_drift_alarm{score}` = 1 while the last check exceeds a threshold, with
+//! `glowwatch_drift_statistic{score,window}` and `glowwatch_drift_threshold{score,window}`),
+//! one structured log line when it starts and one when it clears, and a count in the run
+//! summary. `[drift] ert` is the pipeline's expected run time between false alarms over all
+//! its watched scores: each detector is set for `ert` times their number.
+
+use std::collections::BTreeMap;
+
+use metrics::gauge;
+use tracing::{info, warn};
+
+use super::config::DriftConfigToml;
+use super::metrics as m;
+use crate::score::calibration::Calibration;
+use crate::score::drift::{CvmDetector, DriftConfig};
+use crate::score::{ImageScores, ScoreKind};
+
+/// Permutations per window size when thresholds are set: 10 / level (the detector's minimum),
+/// at least 10,000.
+fn simulations(ert: f64, stride: usize, windows: usize) -> usize {
+    let level = stride as f64 / (ert * windows as f64);
+    ((10.0 / level).ceil() as usize).clamp(10_000, 1_000_000)
+}
+
+struct Watched {
+    kind: ScoreKind,
+    name: String,
+    detector: CvmDetector,
+    alarmed: bool,
+}
+
+/// The drift detectors of a pipeline.
+pub struct DriftMonitor {
+    watched: Vec<Watched>,
+    /// Alarms started so far, per score name.
+    pub alarms: BTreeMap<String, u64>,
+    /// The record (1-based, among this monitor's finite scores) of each score's first alarm.
+    pub first_alarm: BTreeMap<String, u64>,
+}
+
+impl DriftMonitor {
+    /// Detectors for `flagged` and the per-scale scores that `cal` has quantiles of; `None`
+    /// when drift is off or nothing can be watched (a fixed threshold, an old calibration).
+    ///
+    /// Errors: settings the detector refuses (e.g. a window above half the reference).
+    pub fn new(
+        cfg: &DriftConfigToml,
+        cal: Option<&Calibration>,
+        flagged: ScoreKind,
+        scales: usize,
+        general: bool,
+    ) -> Result<Option<Self>, String> {
+        let Some(cal) = cal.filter(|_| cfg.enabled) else {
+            return Ok(None);
+        };
+        let mut kinds = vec![flagged];
+        kinds.extend((0..scales).map(|k| {
+            if general {
+                ScoreKind::LlrScale(k)
+            } else {
+                ScoreKind::Scale(k)
+            }
+        }));
+        kinds.dedup();
+        let watchable = kinds
+            .iter()
+            .filter(|k| {
+                cal.thresholds
+                    .get(k)
+                    .is_some_and(|t| !t.quantiles.is_empty())
+            })
+            .count()
+            .max(1);
+        // `ert` is the pipeline's: each of its detectors gets that times their number.
+        let dc = DriftConfig {
+            windows: cfg.windows.clone(),
+            ert: cfg.ert * watchable as f64,
+            stride: cfg.stride,
+            simulations: simulations(cfg.ert * watchable as f64, cfg.stride, cfg.windows.len()),
+            seed: 0x0d71f7,
+        };
+        let mut watched = vec![];
+        for kind in kinds {
+            let Some(t) = cal
+                .thresholds
+                .get(&kind)
+                .filter(|t| !t.quantiles.is_empty())
+            else {
+                continue;
+            };
+            let detector = CvmDetector::calibrate(&t.quantiles, &dc)?;
+            let name = kind.to_string();
+            for (w, th) in cfg.windows.iter().zip(detector.thresholds()) {
+                gauge!(m::DRIFT_THRESHOLD, "score" => name.clone(), "window" => w.to_string())
+                    .set(*th);
+            }
+            gauge!(m::DRIFT_ALARM, "score" => name.clone()).set(0.0);
+            watched.push(Watched {
+                kind,
+                name,
+                detector,
+                alarmed: false,
+            });
+        }
+        Ok((!watched.is_empty()).then_some(Self {
+            watched,
+            alarms: BTreeMap::new(),
+            first_alarm: BTreeMap::new(),
+        }))
+    }
+
+    /// The watched score names.
+    pub fn scores(&self) -> Vec<&str> {
+        self.watched.iter().map(|w| w.name.as_str()).collect()
+    }
+
+    /// Feeds a batch of scored images, in arrival order.
+    pub fn observe(&mut self, scores: &[ImageScores]) {
+        for w in &mut self.watched {
+            for s in scores {
+                let Some(check) = w.detector.push(w.kind.value(s)) else {
+                    continue;
+                };
+                for (win, stat, _) in &check.windows {
+                    gauge!(m::DRIFT_STATISTIC, "score" => w.name.clone(), "window" => win.to_string())
+                        .set(*stat);
+                }
+                gauge!(m::DRIFT_ALARM, "score" => w.name.clone()).set(if check.alarm {
+                    1.0
+                } else {
+                    0.0
+                });
+                if check.alarm && !w.alarmed {
+                    *self.alarms.entry(w.name.clone()).or_default() += 1;
+                    self.first_alarm
+                        .entry(w.name.clone())
+                        .or_insert(check.records);
+                    let over: Vec<String> = check
+                        .windows
+                        .iter()
+                        .filter(|(_, s, t)| s > t)
+                        .map(|(win, s, t)| format!("window {win}: {s:.4} > {t:.4}"))
+                        .collect();
+                    warn!(
+                        score = %w.name,
+                        records = check.records,
+                        "drift alarm: the score's distribution left its calibration ({})",
+                        over.join(", ")
+                    );
+                } else if !check.alarm && w.alarmed {
+                    info!(score = %w.name, records = check.records, "drift alarm cleared");
+                }
+                w.alarmed = check.alarm;
+            }
+        }
+    }
+}
