@@ -246,8 +246,8 @@ impl PooledRanks {
         }
         let mut uy = 0.0;
         let mut start = 0; // first position of the current gap
-        for k in 0..=n {
-            let end = if k < n { chosen[k] } else { total }; // exclusive
+        let ends = chosen.iter().copied().chain(std::iter::once(total)); // exclusive
+        for (k, end) in ends.enumerate() {
             if end > start {
                 let len = (end - start) as f64;
                 let (s1, s2) = (self.e1[end] - self.e1[start], self.e2[end] - self.e2[start]);
