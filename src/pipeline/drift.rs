@@ -1,7 +1,8 @@
 //! Drift alarms of a running pipeline: one [`CvmDetector`] per watched score (the flagged score,
 //! and each scale's likelihood ratio, or each scale's -lp without a general model), referenced
 //! by the calibration's quantiles of that score. An alarm is a Prometheus gauge
-//! (`glowwatch_drift_alarm{score}` = 1 while the last check exceeds a threshold, with
+//! (`glowwatch_drift_alarm{score}` = 1 from a check above a threshold until the largest
+//! window's span of checks below them, with
 //! `glowwatch_drift_statistic{score,window}` and `glowwatch_drift_threshold{score,window}`),
 //! one structured log line when it starts and one when it clears, and a count in the run
 //! summary. `[drift] ert` is the pipeline's expected run time between false alarms over all
@@ -30,11 +31,16 @@ struct Watched {
     name: String,
     detector: CvmDetector,
     alarmed: bool,
+    /// Consecutive checks below every threshold since the last one above.
+    calm: usize,
 }
 
 /// The drift detectors of a pipeline.
 pub struct DriftMonitor {
     watched: Vec<Watched>,
+    /// Checks below threshold that clear an alarm: the largest window's span, so one alarm is
+    /// one episode, not a flicker around the threshold.
+    clear_after: usize,
     /// Alarms started so far, per score name.
     pub alarms: BTreeMap<String, u64>,
     /// The record (1-based, among this monitor's finite scores) of each score's first alarm.
@@ -103,10 +109,13 @@ impl DriftMonitor {
                 name,
                 detector,
                 alarmed: false,
+                calm: 0,
             });
         }
+        let widest = cfg.windows.iter().copied().max().unwrap_or(1);
         Ok((!watched.is_empty()).then_some(Self {
             watched,
+            clear_after: widest.div_ceil(cfg.stride.max(1)),
             alarms: BTreeMap::new(),
             first_alarm: BTreeMap::new(),
         }))
@@ -128,12 +137,9 @@ impl DriftMonitor {
                     gauge!(m::DRIFT_STATISTIC, "score" => w.name.clone(), "window" => win.to_string())
                         .set(*stat);
                 }
-                gauge!(m::DRIFT_ALARM, "score" => w.name.clone()).set(if check.alarm {
-                    1.0
-                } else {
-                    0.0
-                });
+                w.calm = if check.alarm { 0 } else { w.calm + 1 };
                 if check.alarm && !w.alarmed {
+                    w.alarmed = true;
                     *self.alarms.entry(w.name.clone()).or_default() += 1;
                     self.first_alarm
                         .entry(w.name.clone())
@@ -150,10 +156,15 @@ impl DriftMonitor {
                         "drift alarm: the score's distribution left its calibration ({})",
                         over.join(", ")
                     );
-                } else if !check.alarm && w.alarmed {
+                } else if w.alarmed && w.calm >= self.clear_after {
+                    w.alarmed = false;
                     info!(score = %w.name, records = check.records, "drift alarm cleared");
                 }
-                w.alarmed = check.alarm;
+                gauge!(m::DRIFT_ALARM, "score" => w.name.clone()).set(if w.alarmed {
+                    1.0
+                } else {
+                    0.0
+                });
             }
         }
     }
