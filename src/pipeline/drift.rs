@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use metrics::gauge;
+use rayon::prelude::*;
 use tracing::{info, warn};
 
 use super::config::DriftConfigToml;
@@ -88,16 +89,20 @@ impl DriftMonitor {
             simulations: simulations(cfg.ert * watchable as f64, cfg.stride, cfg.windows.len()),
             seed: 0x0d71f7,
         };
+        // Thresholds take ~10^5 permutations per score: the scores in parallel.
+        let sources: Vec<(ScoreKind, &[f64])> = kinds
+            .into_iter()
+            .filter_map(|k| {
+                let t = cal.thresholds.get(&k).filter(|t| !t.quantiles.is_empty())?;
+                Some((k, t.quantiles.as_slice()))
+            })
+            .collect();
+        let detectors = sources
+            .par_iter()
+            .map(|(_, q)| CvmDetector::calibrate(q, &dc))
+            .collect::<Result<Vec<_>, String>>()?;
         let mut watched = vec![];
-        for kind in kinds {
-            let Some(t) = cal
-                .thresholds
-                .get(&kind)
-                .filter(|t| !t.quantiles.is_empty())
-            else {
-                continue;
-            };
-            let detector = CvmDetector::calibrate(&t.quantiles, &dc)?;
+        for ((kind, _), detector) in sources.into_iter().zip(detectors) {
             let name = kind.to_string();
             for (w, th) in cfg.windows.iter().zip(detector.thresholds()) {
                 gauge!(m::DRIFT_THRESHOLD, "score" => name.clone(), "window" => w.to_string())
