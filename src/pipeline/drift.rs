@@ -174,3 +174,74 @@ impl DriftMonitor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::score::calibration::calibrate;
+
+    fn scores(values: impl Iterator<Item = f64>) -> Vec<ImageScores> {
+        // nll = -(lp_0 + lp_1): the value sits in lp_0.
+        values
+            .map(|v| ImageScores::from_lp(vec![-v, 0.0], None, 16))
+            .collect()
+    }
+
+    fn ramp(n: usize, offset: f64) -> impl Iterator<Item = f64> {
+        (0..n).map(move |i| ((i * 7919) % 1000) as f64 / 1000.0 + offset)
+    }
+
+    /// An alarm starts once when the watched score shifts, is counted with the record of its
+    /// start, and clears after the widest window's span of calm checks; a fixed threshold or an
+    /// old calibration watches nothing.
+    #[test]
+    fn alarms_start_once_and_clear_after_a_calm_span() {
+        let reference: Vec<f64> = ramp(2000, 0.0).collect();
+        let mut cal = Calibration::default();
+        cal.thresholds
+            .insert(ScoreKind::Nll, calibrate(&reference, 0.01, "test"));
+        let cfg = DriftConfigToml {
+            windows: vec![32, 128],
+            ert: 5_000.0,
+            stride: 8,
+            enabled: true,
+        };
+        let mut m = DriftMonitor::new(&cfg, Some(&cal), ScoreKind::Nll, 2, false)
+            .unwrap()
+            .expect("nll has quantiles");
+        assert_eq!(m.scores(), ["nll"]);
+        m.observe(&scores(ramp(1_000, 0.0)));
+        assert!(m.alarms.is_empty(), "{:?}", m.alarms);
+        m.observe(&scores(ramp(300, 0.6)));
+        assert_eq!(m.alarms.get("nll"), Some(&1));
+        let first = m.first_alarm["nll"];
+        assert!(first > 1_000 && first <= 1_128, "{first}");
+        // Back to normal: the alarm clears, and a new shift is a new alarm.
+        m.observe(&scores(ramp(1_000, 0.0)));
+        assert!(!m.watched[0].alarmed);
+        m.observe(&scores(ramp(300, 0.6)));
+        assert_eq!(m.alarms.get("nll"), Some(&2));
+        assert_eq!(m.first_alarm["nll"], first);
+        // Nothing to watch without quantiles, or when switched off.
+        let mut old = cal.clone();
+        old.thresholds
+            .get_mut(&ScoreKind::Nll)
+            .unwrap()
+            .quantiles
+            .clear();
+        assert!(
+            DriftMonitor::new(&cfg, Some(&old), ScoreKind::Nll, 2, false)
+                .unwrap()
+                .is_none()
+        );
+        let off = DriftConfigToml {
+            enabled: false,
+            ..cfg
+        };
+        assert!(
+            DriftMonitor::new(&off, Some(&cal), ScoreKind::Nll, 2, false)
+                .unwrap()
+                .is_none()
+        );
+    }
+}
