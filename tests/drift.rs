@@ -6,9 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 
-use arrow::array::{BinaryArray, RecordBatch, StringArray};
 use glowwatch::pipeline::config::PipelineConfig;
 use glowwatch::pipeline::decode::id_image_rows;
 use glowwatch::pipeline::run::run_pipeline;
@@ -20,40 +18,11 @@ fn rows(name: &str, skip: usize, n: usize, dir: &Path) -> Vec<(String, Vec<u8>)>
         4096,
         &dir.join(format!("{name}.sub")),
     );
-    let f = std::fs::File::open(p).unwrap();
-    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-        .unwrap()
-        .build()
-        .unwrap()
-        .flat_map(|b| id_image_rows(&b.unwrap()).unwrap())
+    common::parquet_batches(&p)
+        .iter()
+        .flat_map(|b| id_image_rows(b).unwrap())
         .skip(skip)
         .collect()
-}
-
-fn write(path: &Path, rows: &[(String, Vec<u8>)]) {
-    let batch = RecordBatch::try_from_iter(vec![
-        (
-            "id",
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| r.0.clone()),
-            )) as _,
-        ),
-        (
-            "image",
-            Arc::new(BinaryArray::from_iter_values(
-                rows.iter().map(|r| r.1.clone()),
-            )) as _,
-        ),
-    ])
-    .unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(
-        std::fs::File::create(path).unwrap(),
-        batch.schema(),
-        None,
-    )
-    .unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
 }
 
 fn repo(p: &str) -> String {
@@ -79,8 +48,8 @@ fn an_inlier_feed_raises_no_alarm_and_a_switch_to_30_percent_digits_raises_one()
         &d.join("train.parquet"),
     );
     let cal = d.join("cal.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_glowwatch"))
-        .args([
+    let (ok, _, err) = common::glowwatch(
+        &[
             "calibrate",
             "--device",
             "cpu",
@@ -101,14 +70,10 @@ fn an_inlier_feed_raises_no_alarm_and_a_switch_to_30_percent_digits_raises_one()
             "llr_scale_2",
             "--out",
             cal.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        "",
     );
+    assert!(ok, "{err}");
     // Feeds: 800 Fashion-MNIST test images; then 800 more with 30 % MNIST digits.
     let fm = rows("fashion_mnist_test.parquet", 0, 1_360, d);
     let digits = rows("mnist.parquet", 0, 240, d);
@@ -121,7 +86,11 @@ fn an_inlier_feed_raises_no_alarm_and_a_switch_to_30_percent_digits_raises_one()
     }
     let run = |name: &str, feed: &[(String, Vec<u8>)]| {
         let input = d.join(format!("{name}.parquet"));
-        write(&input, feed);
+        let feed: Vec<(String, Option<Vec<u8>>)> = feed
+            .iter()
+            .map(|(i, b)| (i.clone(), Some(b.clone())))
+            .collect();
+        common::write_images(&input, &feed);
         let toml = format!(
             r#"
 name = "{name}"

@@ -7,6 +7,7 @@
 //! first on every run), and becomes a named regression test.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use candle_core::Device;
 use glowwatch::glow::GlowModel;
@@ -25,8 +26,13 @@ fn repo(p: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
-/// Valid images of every format and layout the decoder meets.
-fn image_seeds() -> Vec<Vec<u8>> {
+/// Valid images of every format and layout the decoder meets (built once per run).
+fn image_seeds() -> &'static [Vec<u8>] {
+    static SEEDS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    SEEDS.get_or_init(build_image_seeds)
+}
+
+fn build_image_seeds() -> Vec<Vec<u8>> {
     let mut seeds = vec![];
     let grey = image::GrayImage::from_fn(20, 12, |x, y| image::Luma([(x * 12 + y * 3) as u8]));
     let rgba = image::RgbaImage::from_fn(9, 7, |x, y| {
@@ -149,27 +155,33 @@ proptest! {
 
     #[test]
     fn loading_mutated_model_files_never_panics(m in mutation(1)) {
-        let seed = tiny_model_file();
-        let bytes = apply(&m, &seed);
+        let bytes = apply(&m, tiny_model_file());
         let _ = GlowModel::from_bytes(&bytes, "fuzzed", &Device::Cpu);
     }
 
     #[test]
     fn importing_mutated_torch_checkpoints_never_panics(m in mutation(2)) {
         use glowwatch::glow::torch::{ImportOptions, import_bytes};
-        let dir = repo("../shared/fixtures/torch-glow/grey-k2-w16");
-        let seeds = [
-            std::fs::read(dir.join("model.th")).unwrap(),
-            std::fs::read(dir.join("state_dict.pt")).unwrap(),
-        ];
-        let bytes = apply(&m, &seeds[m.seed]);
+        let bytes = apply(&m, &torch_seeds()[m.seed]);
         let _ = import_bytes(&bytes, &ImportOptions::default());
     }
 }
 
-/// A small valid model file.
-fn tiny_model_file() -> Vec<u8> {
-    static FILE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+/// The torch fixture in both saved forms (read once per run).
+fn torch_seeds() -> &'static [Vec<u8>; 2] {
+    static SEEDS: OnceLock<[Vec<u8>; 2]> = OnceLock::new();
+    SEEDS.get_or_init(|| {
+        let dir = repo("../shared/fixtures/torch-glow/grey-k2-w16");
+        [
+            std::fs::read(dir.join("model.th")).unwrap(),
+            std::fs::read(dir.join("state_dict.pt")).unwrap(),
+        ]
+    })
+}
+
+/// A small valid model file (built once per run).
+fn tiny_model_file() -> &'static [u8] {
+    static FILE: OnceLock<Vec<u8>> = OnceLock::new();
     FILE.get_or_init(|| {
         let cfg = GlowConfig {
             image_size: 8,
@@ -184,5 +196,4 @@ fn tiny_model_file() -> Vec<u8> {
         m.save(&p).unwrap();
         std::fs::read(p).unwrap()
     })
-    .clone()
 }

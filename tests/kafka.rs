@@ -287,10 +287,7 @@ fn ten_thousand_images_are_scored_flagged_and_committed() {
 #[test]
 fn malformed_messages_and_envelopes_go_to_the_dead_letter_topic() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start();
-    broker.create_topic("in", 2);
-    broker.create_topic("scored", 1);
-    broker.create_topic("dead", 1);
+    let broker = Broker::with_topics("in", 2);
     let model = common::tiny_model(dir.path(), 2);
     let rows = images("fashion_mnist_test.parquet", 40);
     let mut msgs = png_messages(&rows);
@@ -677,10 +674,7 @@ fn two_instances_in_one_group_share_the_partitions() {
 #[test]
 fn scored_records_as_arrow_ipc_streams() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start();
-    broker.create_topic("in", 1);
-    broker.create_topic("scored", 1);
-    broker.create_topic("dead", 1);
+    let broker = Broker::with_topics("in", 1);
     let model = common::tiny_model(dir.path(), 4);
     let rows = images("mnist.parquet", 150);
     broker.produce("in", &png_messages(&rows));
@@ -756,10 +750,7 @@ dead_letter_topic = "dead"
 #[test]
 fn a_running_pipeline_switches_registry_versions_between_batches() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start();
-    broker.create_topic("in", 2);
-    broker.create_topic("scored", 1);
-    broker.create_topic("dead", 1);
+    let broker = Broker::with_topics("in", 2);
     let registry = glowwatch::registry::Registry::open(dir.path().join("registry/m")).unwrap();
     let v1 = registry
         .add_version(&common::tiny_model(dir.path(), 6), &[])
@@ -836,10 +827,7 @@ fn a_running_pipeline_switches_registry_versions_between_batches() {
 #[test]
 fn edge_case_messages_are_scored_or_dead_lettered_and_never_block_a_partition() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start();
-    broker.create_topic("edge", 2);
-    broker.create_topic("scored", 1);
-    broker.create_topic("dead", 1);
+    let broker = Broker::with_topics("edge", 2);
     let model = common::tiny_model(dir.path(), 2);
     let rows = images("fashion_mnist_test.parquet", 24);
     let png = rows[0].1.clone();

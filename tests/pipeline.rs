@@ -27,20 +27,6 @@ fn bless() -> bool {
     std::env::var("GLOWWATCH_BLESS").is_ok_and(|v| v == "1")
 }
 
-fn read_all(files: &[PathBuf]) -> Vec<RecordBatch> {
-    files
-        .iter()
-        .flat_map(|f| {
-            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f).unwrap())
-                .unwrap()
-                .build()
-                .unwrap()
-                .map(|b| b.unwrap())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if !dir.exists() {
@@ -172,7 +158,7 @@ fn demo_sample_is_the_documented_subset() {
         }
         w.close().unwrap();
     }
-    let have = arrow::compute::concat_batches(&schema, &read_all(&[path])).unwrap();
+    let have = arrow::compute::concat_batches(&schema, &common::read_parquet(&[path])).unwrap();
     assert_eq!(
         have,
         arrow::compute::concat_batches(&schema, &want).unwrap()
@@ -297,7 +283,7 @@ fn every_row_once_schemas_sums_and_dead_letters() {
     );
 
     // Scored output: ids exactly the good input ids, schema as documented, sums exact.
-    let scored = read_all(&parquet_files(&out.join("scored")));
+    let scored = common::read_parquet(&parquet_files(&out.join("scored")));
     let mut ids: Vec<String> = scored
         .iter()
         .flat_map(|b| {
@@ -342,7 +328,7 @@ fn every_row_once_schemas_sums_and_dead_letters() {
         let status = b.column_by_name("status").unwrap().as_string::<i32>();
         assert!((0..b.num_rows()).all(|i| status.value(i) == "ok"));
     }
-    let dead = read_all(&parquet_files(&out.join("dead")));
+    let dead = common::read_parquet(&parquet_files(&out.join("dead")));
     let dead_schema = JsonSchema::from_arrow("", &dead[0].schema());
     let dead_file: JsonSchema =
         serde_json::from_str(&std::fs::read_to_string(repo("schemas/dead_letter.json")).unwrap())
@@ -375,7 +361,7 @@ fn every_row_once_schemas_sums_and_dead_letters() {
     assert!(img.is_null(1));
     ids.sort();
     let mut want: Vec<String> = Vec::new();
-    let src = read_all(&[input.join("a.parquet")]);
+    let src = common::read_parquet(&[input.join("a.parquet")]);
     for b in &src {
         let a = b.column_by_name("id").unwrap().as_string::<i32>();
         want.extend((0..a.len()).map(|i| a.value(i).to_string()));
@@ -473,7 +459,7 @@ fn killed_run_leaves_no_partial_file_under_a_final_name() {
     );
     for f in &visible {
         // Every visible file is a complete Parquet file with whole row groups.
-        let rows: usize = read_all(&[f.to_path_buf()])
+        let rows: usize = common::read_parquet(&[f.to_path_buf()])
             .iter()
             .map(|b| b.num_rows())
             .sum();
@@ -487,7 +473,7 @@ fn killed_run_leaves_no_partial_file_under_a_final_name() {
 /// Reads `id` and the `log_p` column of every scored file under `dir`, by id.
 fn log_p_by_id(dir: &Path) -> std::collections::BTreeMap<String, f64> {
     let mut out = std::collections::BTreeMap::new();
-    for b in read_all(&parquet_files(dir)) {
+    for b in common::read_parquet(&parquet_files(dir)) {
         let ids = b.column_by_name("id").unwrap().as_string::<i32>().clone();
         let lp = b
             .column_by_name("log_p")
@@ -514,7 +500,7 @@ fn raw_pixel_columns_score_exactly_like_the_encoded_images() {
     );
     // The same 300 images as raw grey pixels in a list<uint8> column with shape columns of
     // two integer types, plus an RGB copy of one image and three bad rows.
-    let src = read_all(std::slice::from_ref(&encoded));
+    let src = common::read_parquet(std::slice::from_ref(&encoded));
     let (mut ids, mut hs, mut ws, mut cs) = (vec![], vec![], vec![], vec![]);
     let mut px = ListBuilder::new(UInt8Builder::new());
     let mut push = |id: &str, bytes: Option<&[u8]>, h: Option<i32>, w: i32, c: u16| {
@@ -611,7 +597,7 @@ fn raw_pixel_columns_score_exactly_like_the_encoded_images() {
         .as_string::<i32>()
         .value(0);
     assert_eq!(b["rgb"], a[first]);
-    let dead = read_all(&parquet_files(&dir.path().join("raw/dead")));
+    let dead = common::read_parquet(&parquet_files(&dir.path().join("raw/dead")));
     let mut reasons: Vec<(String, String)> = dead
         .iter()
         .flat_map(|d| {
@@ -664,7 +650,7 @@ fn output_reads_the_same_in_pyarrow_and_duckdb() {
     let probe = dir.path().join("probe");
     let toml = pipeline_toml(&input, &model, None, &probe, "");
     run_pipeline(&PipelineConfig::parse(&toml, dir.path()).unwrap()).unwrap();
-    let mut scores: Vec<f64> = read_all(&parquet_files(&probe.join("scored")))
+    let mut scores: Vec<f64> = common::read_parquet(&parquet_files(&probe.join("scored")))
         .iter()
         .flat_map(|b| {
             let a = b
@@ -697,7 +683,7 @@ fn output_reads_the_same_in_pyarrow_and_duckdb() {
     let v: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
 
     // What the parquet crate reads.
-    let scored = read_all(&parquet_files(&out.join("scored")));
+    let scored = common::read_parquet(&parquet_files(&out.join("scored")));
     let mut ids = Vec::new();
     let (mut sum, mut flagged) = (0.0f64, 0u64);
     for b in &scored {
@@ -895,7 +881,7 @@ fn scored_rows_carry_input_complexity_and_the_reference_scores() {
     let s = run_pipeline(&cfg).unwrap();
     assert_eq!(s.scored, 300);
     let mut flagged = 0;
-    for b in read_all(&parquet_files(&out.join("scored"))) {
+    for b in common::read_parquet(&parquet_files(&out.join("scored"))) {
         let f = |n: &str| {
             b.column_by_name(n)
                 .unwrap()

@@ -14,15 +14,11 @@ fn case(path: &str) -> PathBuf {
         .join(path)
 }
 
-/// (id, image bytes) of a Parquet file with `id` and `image` columns.
+/// (id, image bytes) of a Parquet file (or a run's folder) with `id` and `image` columns.
 fn id_images(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let file = std::fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    reader
-        .flat_map(|b| glowwatch::pipeline::decode::id_image_rows(&b.unwrap()).unwrap())
+    common::parquet_batches(path)
+        .iter()
+        .flat_map(|b| glowwatch::pipeline::decode::id_image_rows(b).unwrap())
         .collect()
 }
 
@@ -116,18 +112,6 @@ fn all_eight_exif_orientations_decode_upright() {
     }
 }
 
-fn glowwatch(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_glowwatch"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -154,12 +138,15 @@ fn import_recognises_images_by_content_and_names_every_skipped_file() {
     cut.truncate(40);
     std::fs::write(images.join("cut.jpg"), cut).unwrap();
     let out = dir.path().join("x.parquet");
-    let (ok, stdout, stderr) = glowwatch(&[
-        "import",
-        images.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, stdout, stderr) = common::glowwatch(
+        &[
+            "import",
+            images.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
     assert!(ok, "{stderr}");
     let mut ids: Vec<String> = id_images(&out).into_iter().map(|(id, _)| id).collect();
     ids.sort();
@@ -192,20 +179,12 @@ fn repo(p: &str) -> String {
         .to_string()
 }
 
+/// Scored rows in a run's output folder (not its `_dead_letter`).
 fn scored_rows(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
-        .map(|p| id_images_count(&p))
+    common::parquet_batches(dir)
+        .iter()
+        .map(|b| b.num_rows())
         .sum()
-}
-
-fn id_images_count(path: &Path) -> usize {
-    let file = std::fs::File::open(path).unwrap();
-    let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
-    b.metadata().file_metadata().num_rows() as usize
 }
 
 /// Scoring into a directory that holds a run must not silently add a second copy of every row.
@@ -214,29 +193,10 @@ fn score_refuses_an_output_that_holds_a_run_unless_told_to_overwrite_or_append()
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let input = case("exif-orientation/input.parquet");
-    let model = repo("models/fashion-mnist.safetensors");
-    let score = |extra: &[&str]| {
-        let mut args = vec![
-            "score",
-            "--device",
-            "cpu",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--model",
-            &model,
-            "--score",
-            "nll",
-            "--threshold",
-            "1e9",
-        ];
-        args.extend(extra);
-        glowwatch(&args)
-    };
+    let score = |extra: &[&str]| score_dir(&input, &out, extra);
     assert!(score(&[]).0);
     assert_eq!(scored_rows(&out), 12);
-    let (ok, _, err) = score(&[]);
+    let (ok, err) = score(&[]);
     assert!(
         !ok && err.contains("--overwrite") && err.contains("--append"),
         "{err}"
@@ -248,7 +208,7 @@ fn score_refuses_an_output_that_holds_a_run_unless_told_to_overwrite_or_append()
     assert_eq!(scored_rows(&out), 12);
     // Never deletes what glowwatch did not write.
     std::fs::write(out.join("README.txt"), "mine").unwrap();
-    let (ok, _, err) = score(&["--overwrite"]);
+    let (ok, err) = score(&["--overwrite"]);
     assert!(!ok && err.contains("README.txt"), "{err}");
     assert!(out.join("README.txt").exists());
 }
@@ -267,14 +227,8 @@ fn jpeg_corpus() -> Vec<CorpusRow> {
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::Int64Type;
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/jpeg/corpus.parquet");
-    let file = std::fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
     let mut rows = vec![];
-    for b in reader {
-        let b = b.unwrap();
+    for b in common::parquet_batches(&path) {
         let col = |n: &str| b.column_by_name(n).unwrap().clone();
         let (id, variant, image, mode) = (col("id"), col("variant"), col("image"), col("ref_mode"));
         let (w, h, px) = (col("ref_width"), col("ref_height"), col("ref_pixels"));
@@ -372,35 +326,11 @@ fn arithmetic_coded_jpeg_is_unsupported_not_corrupt() {
     }
 }
 
-/// All record batches of every Parquet file directly in `dir`.
-fn read_batches(dir: &Path) -> Vec<arrow::array::RecordBatch> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return vec![];
-    };
-    let mut files: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .flat_map(|p| {
-            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-                std::fs::File::open(p).unwrap(),
-            )
-            .unwrap()
-            .build()
-            .unwrap()
-            .map(|b| b.unwrap())
-            .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
-fn score_dir(input: &Path, out: &Path, image_column: &str) -> (bool, String) {
+/// `glowwatch score` of `input` into `out` with the shipped Fashion-MNIST model (nll, a fixed
+/// threshold) and `extra` arguments: (success, stdout and stderr).
+fn score_dir(input: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
     let model = repo("models/fashion-mnist.safetensors");
-    let (ok, stdout, stderr) = glowwatch(&[
+    let mut args = vec![
         "score",
         "--device",
         "cpu",
@@ -414,9 +344,9 @@ fn score_dir(input: &Path, out: &Path, image_column: &str) -> (bool, String) {
         "nll",
         "--threshold",
         "1e9",
-        "--image-column",
-        image_column,
-    ]);
+    ];
+    args.extend(extra);
+    let (ok, stdout, stderr) = common::glowwatch(&args, "");
     (ok, format!("{stdout}\n{stderr}"))
 }
 
@@ -439,9 +369,9 @@ fn strings(b: &arrow::array::RecordBatch, name: &str) -> Vec<Option<String>> {
 fn files_from_different_writers_in_one_directory_are_one_dataset() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let (ok, log) = score_dir(&case("mixed-writers/in"), &out, "image");
+    let (ok, log) = score_dir(&case("mixed-writers/in"), &out, &[]);
     assert!(ok, "{log}");
-    let mut ids: Vec<String> = read_batches(&out)
+    let mut ids: Vec<String> = common::parquet_batches(&out)
         .iter()
         .flat_map(|b| strings(b, "id"))
         .map(Option::unwrap)
@@ -465,11 +395,14 @@ fn int96_timestamps_pass_through_unwrapped() {
         std::fs::create_dir_all(&input).unwrap();
         std::fs::copy(case("int96-timestamps").join(file), input.join(file)).unwrap();
         let out = dir.path().join("out");
-        let (ok, log) = score_dir(&input, &out, "image");
+        let (ok, log) = score_dir(&input, &out, &[]);
         assert!(ok, "{file}: {log}");
         let mut got: Vec<(String, Option<String>)> = vec![];
-        let dead = read_batches(&out.join("_dead_letter"));
-        let all: Vec<_> = read_batches(&out).into_iter().chain(dead).collect();
+        let dead = common::parquet_batches(&out.join("_dead_letter"));
+        let all: Vec<_> = common::parquet_batches(&out)
+            .into_iter()
+            .chain(dead)
+            .collect();
         for b in &all {
             if b.column_by_name("capture_time").is_none() {
                 continue;
@@ -498,17 +431,6 @@ fn int96_timestamps_pass_through_unwrapped() {
     }
 }
 
-fn write_batch(path: &Path, batch: &arrow::array::RecordBatch) {
-    let mut w = parquet::arrow::ArrowWriter::try_new(
-        std::fs::File::create(path).unwrap(),
-        batch.schema(),
-        None,
-    )
-    .unwrap();
-    w.write(batch).unwrap();
-    w.close().unwrap();
-}
-
 fn png(shade: u8) -> Vec<u8> {
     let img = image::GrayImage::from_pixel(28, 28, image::Luma([shade]));
     let mut out = std::io::Cursor::new(Vec::new());
@@ -518,7 +440,7 @@ fn png(shade: u8) -> Vec<u8> {
 
 /// Dead-letter (id, reason) pairs of a scoring run.
 fn dead_letters(out: &Path) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = read_batches(&out.join("_dead_letter"))
+    let mut v: Vec<(String, String)> = common::parquet_batches(&out.join("_dead_letter"))
         .iter()
         .flat_map(|b| {
             strings(b, "id")
@@ -573,11 +495,14 @@ fn dictionary_and_hugging_face_image_columns_are_read_and_nulls_dead_lettered() 
     ] {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("in.parquet");
-        write_batch(&input, &batch);
+        common::write_batch(&input, &batch);
         let out = dir.path().join("out");
-        let (ok, log) = score_dir(&input, &out, "image");
+        let (ok, log) = score_dir(&input, &out, &[]);
         assert!(ok, "{name}: {log}");
-        let n: usize = read_batches(&out).iter().map(|b| b.num_rows()).sum();
+        let n: usize = common::parquet_batches(&out)
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
         assert_eq!(n, scored, "{name}");
         let want: Vec<(String, String)> = dead
             .iter()

@@ -324,29 +324,6 @@ fn missing_table_path_and_write_policy_are_clear_errors() {
     }
 }
 
-fn glowwatch(args: &[&str], stdin: &str) -> (bool, String, String) {
-    use std::io::Write;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_glowwatch"))
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn command_formats_and_shell() {
     let f = fixture();
@@ -356,7 +333,7 @@ fn command_formats_and_shell() {
     let run = |extra: &[&str]| {
         let mut args = base.to_vec();
         args.extend_from_slice(extra);
-        let (ok, out, err) = glowwatch(&args, "");
+        let (ok, out, err) = common::glowwatch(&args, "");
         assert!(ok, "{err}");
         out
     };
@@ -382,12 +359,12 @@ fn command_formats_and_shell() {
     assert!(t.contains("<4 bytes>"), "{t}");
 
     // A bad query fails with DataFusion's message and position, exit status 1.
-    let (ok, _, err) = glowwatch(&[&base[..], &["SELEC 1"]].concat(), "");
+    let (ok, _, err) = common::glowwatch(&[&base[..], &["SELEC 1"]].concat(), "");
     assert!(!ok);
     assert!(err.contains("found: SELEC at Line: 1, Column: 1"), "{err}");
 
     // The shell: \d lists tables, a statement may span lines, errors do not end it.
-    let (ok, out, err) = glowwatch(
+    let (ok, out, err) = common::glowwatch(
         &base,
         "\\d\n\\d dead_letter\nSELECT count(*)\n  AS n FROM scored;\nSELECT nope;\n\\q\n",
     );
@@ -420,7 +397,7 @@ fn reference_scores_in_sql_come_from_the_model_calibration() {
         &dir.path().join("d.parquet"),
     );
     let table = format!("d={}", rows.display());
-    let (ok, out, err) = glowwatch(
+    let (ok, out, err) = common::glowwatch(
         &[
             "sql",
             "--device",
@@ -474,7 +451,7 @@ fn mixed_writers_int96_and_null_arguments() {
     let m = format!("m={}", cases.join("mixed-writers/in").display());
     let t = format!("t={}", cases.join("int96-timestamps").display());
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist.safetensors");
-    let (ok, out, err) = glowwatch(
+    let (ok, out, err) = common::glowwatch(
         &[
             "sql",
             "--device",

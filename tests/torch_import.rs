@@ -3,6 +3,8 @@
 //! `../shared/fixtures/torch-glow/`, from both saved forms; bit-identical round trips; clear
 //! refusals of variants and of corrupt files (built here as small modified zips and pickles).
 
+mod common;
+
 use std::io::{Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -10,9 +12,10 @@ use candle_core::pickle::Object;
 use candle_core::{DType, Device, Tensor};
 use glowwatch::glow::GlowModel;
 use glowwatch::glow::config::GlowConfig;
-use glowwatch::glow::preprocess::{BIN_CENTRE, image_to_pixels, pixels_to_tensor};
+use glowwatch::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
 use glowwatch::glow::torch::checkpoint::{Checkpoint, StorageDtype, TensorRef};
 use glowwatch::glow::torch::{ImportError, ImportOptions, import_bytes, import_file};
+use glowwatch::pipeline::decode::{DecodeLimits, decode_image, id_image_rows};
 
 const TOL: f64 = 1e-4;
 
@@ -26,29 +29,20 @@ fn expected() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("expected.json")).unwrap()).unwrap()
 }
 
-/// The fixture's 24 images as (ids, model inputs (24, 1, 32, 32) at k/256 - 0.5 + 1/512).
+/// The fixture's 24 images as (ids, model inputs (24, 1, 32, 32) at k/256 - 0.5 + 1/512),
+/// decoded as the pipeline decodes them.
 fn images(model: &GlowModel) -> (Vec<String>, Tensor) {
-    use arrow::array::{Array, BinaryArray, StringArray};
-    let file = std::fs::File::open(fixture("images.parquet")).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let (mut ids, mut pixels) = (vec![], vec![]);
-    for batch in reader {
-        let batch = batch.unwrap();
-        let id = batch.column_by_name("id").unwrap();
-        let id = id.as_any().downcast_ref::<StringArray>().unwrap();
-        let img = batch.column_by_name("image").unwrap();
-        let img = img.as_any().downcast_ref::<BinaryArray>().unwrap();
-        for i in 0..batch.num_rows() {
-            ids.push(id.value(i).to_string());
-            let decoded = image::load_from_memory(img.value(i)).unwrap();
-            pixels.extend(image_to_pixels(&decoded, model.config()).unwrap());
-        }
-    }
+    let rows: Vec<(String, Vec<u8>)> = common::parquet_batches(&fixture("images.parquet"))
+        .iter()
+        .flat_map(|b| id_image_rows(b).unwrap())
+        .collect();
+    let limits = DecodeLimits::default();
+    let pixels: Vec<u8> = rows
+        .iter()
+        .flat_map(|(_, b)| decode_image(b, model.config(), &limits).unwrap())
+        .collect();
     let x = pixels_to_tensor(&pixels, model.config(), BIN_CENTRE, &Device::Cpu).unwrap();
-    (ids, x)
+    (rows.into_iter().map(|r| r.0).collect(), x)
 }
 
 fn rel(got: f64, want: f64) -> f64 {
@@ -488,16 +482,10 @@ fn truncated_and_corrupt_files_are_errors_never_panics() {
 
 // ---- the command line ---------------------------------------------------------------------
 
+/// Runs glowwatch, which must succeed; its stdout.
 fn glowwatch(args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_glowwatch"))
-        .args(args)
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(out.status.success(), "{args:?}: {stderr}");
+    let (ok, stdout, stderr) = common::glowwatch(args, "");
+    assert!(ok, "{args:?}: {stderr}");
     stdout
 }
 
@@ -530,20 +518,8 @@ fn command_line_import_then_score_and_sql() {
         "--threshold",
         "1e9",
     ]);
-    let part = std::fs::read_dir(&scored)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "parquet"))
-        .unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-        std::fs::File::open(part).unwrap(),
-    )
-    .unwrap()
-    .build()
-    .unwrap();
     let (mut ids, mut lp) = (vec![], vec![]);
-    for batch in reader {
-        let batch = batch.unwrap();
+    for batch in common::parquet_batches(&scored) {
         let col = |n: &str| {
             batch
                 .column_by_name(n)
@@ -594,12 +570,11 @@ fn command_line_import_then_score_and_sql() {
         }),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_glowwatch"))
-        .args(["model", "import-torch", bad.to_str().unwrap(), "--out", m])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (ok, _, err) = common::glowwatch(
+        &["model", "import-torch", bad.to_str().unwrap(), "--out", m],
+        "",
+    );
+    assert!(!ok);
     assert!(err.contains("additive coupling"), "{err}");
 }
 

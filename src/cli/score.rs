@@ -11,6 +11,7 @@ use crate::pipeline::config::{
     SourceConfig, SummaryConfig,
 };
 use crate::pipeline::run::run_pipeline;
+use crate::pipeline::sink::parquet::{is_own_file, is_own_temp};
 use crate::score::ScoreKind;
 
 /// Arguments of `glowwatch score`.
@@ -71,9 +72,9 @@ fn output_files(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
             let (o, x) = output_files(&p);
             ours.extend(o);
             other.extend(x);
-        } else if name.starts_with("part-") && name.ends_with(".parquet") {
+        } else if is_own_file(&name) {
             ours.push(p);
-        } else if !(name.starts_with(".part-") && name.ends_with(".parquet.tmp")) {
+        } else if !is_own_temp(&name) {
             other.push(p);
         }
     }

@@ -5,6 +5,7 @@
 //! interval, and the recovery is logged once.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -45,6 +46,8 @@ struct Outage {
 pub struct ErrorLog {
     interval: Duration,
     outage: Mutex<Option<Outage>>,
+    /// Whether `outage` is set: successes (one per consumed message) read only this.
+    in_outage: AtomicBool,
 }
 
 impl ErrorLog {
@@ -53,6 +56,7 @@ impl ErrorLog {
         Self {
             interval,
             outage: Mutex::new(None),
+            in_outage: AtomicBool::new(false),
         }
     }
 
@@ -61,6 +65,7 @@ impl ErrorLog {
         let mut o = self.outage.lock().expect("error log");
         match o.as_mut() {
             None => {
+                self.in_outage.store(true, Ordering::Release);
                 *o = Some(Outage {
                     since: now,
                     last_line: now,
@@ -85,7 +90,11 @@ impl ErrorLog {
 
     /// Decides what a success (a message, or a healthy poll) at `now` logs.
     pub fn on_success(&self, now: Instant) -> Decision {
+        if !self.in_outage.load(Ordering::Acquire) {
+            return Decision::Healthy;
+        }
         let mut o = self.outage.lock().expect("error log");
+        self.in_outage.store(false, Ordering::Release);
         match o.take() {
             Some(x) => Decision::Recovered {
                 total: x.total,

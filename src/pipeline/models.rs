@@ -43,6 +43,25 @@ pub fn in_model(
     })
 }
 
+/// The pipeline's flag section with the calibration it uses: its own, or the registry
+/// version's (`registry_cal`) when it names neither a calibration nor a fixed threshold.
+fn resolved_flag(cfg: &PipelineConfig, registry_cal: Option<std::path::PathBuf>) -> FlagConfig {
+    match (&cfg.flag, registry_cal) {
+        (
+            FlagConfig {
+                calibration: None,
+                threshold: None,
+                ..
+            },
+            Some(c),
+        ) => FlagConfig {
+            calibration: Some(c),
+            ..cfg.flag.clone()
+        },
+        _ => cfg.flag.clone(),
+    }
+}
+
 /// Loads a pipeline's models on its device, and its flag threshold (from the registry
 /// version's calibration when the pipeline names no other).
 pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
@@ -60,20 +79,7 @@ pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
         cfg.models.batch,
     )?;
     scorer.set_version(version);
-    let flag = match (&cfg.flag, calibration) {
-        (
-            FlagConfig {
-                calibration: None,
-                threshold: None,
-                ..
-            },
-            Some(c),
-        ) => FlagConfig {
-            calibration: Some(c),
-            ..cfg.flag.clone()
-        },
-        _ => cfg.flag.clone(),
-    };
+    let flag = resolved_flag(cfg, calibration);
     scorer.set_compressors(flag.score.compressor().as_slice());
     if let Some(path) = &flag.calibration {
         let cal = Calibration::load(path).map_err(PipelineError::Config)?;
@@ -94,13 +100,12 @@ pub fn drift_monitor(
     scorer: &ModelScorer,
     flagger: &Flagger,
 ) -> Result<Option<super::drift::DriftMonitor>> {
-    let (_, _, registry_cal) = in_model(cfg)?;
-    let path = match (&cfg.flag.threshold, &cfg.flag.calibration) {
-        (Some(_), _) => return Ok(None),
-        (None, Some(p)) => Some(p.clone()),
-        (None, None) => registry_cal,
-    };
-    let cal = path
+    let flag = resolved_flag(cfg, in_model(cfg)?.2);
+    if flag.threshold.is_some() {
+        return Ok(None);
+    }
+    let cal = flag
+        .calibration
         .map(|p| Calibration::load(&p))
         .transpose()
         .map_err(PipelineError::Config)?

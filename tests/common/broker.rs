@@ -127,6 +127,16 @@ impl Broker {
         c
     }
 
+    /// A broker with the input topic (`partitions` partitions) and the one-partition `scored`
+    /// and `dead` topics the Kafka sinks of the tests write.
+    pub fn with_topics(input: &str, partitions: i32) -> Broker {
+        let b = Broker::start();
+        b.create_topic(input, partitions);
+        b.create_topic("scored", 1);
+        b.create_topic("dead", 1);
+        b
+    }
+
     /// Creates a topic with `partitions` partitions.
     pub fn create_topic(&self, name: &str, partitions: i32) {
         let admin: AdminClient<DefaultClientContext> = self.config().create().unwrap();

@@ -80,7 +80,7 @@ pub fn write_images(path: &Path, rows: &[(String, Option<Vec<u8>>)]) {
         Field::new("image", DataType::Binary, true),
     ]));
     let batch = RecordBatch::try_new(
-        schema.clone(),
+        schema,
         vec![
             Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|r| r.0.clone()),
@@ -92,9 +92,62 @@ pub fn write_images(path: &Path, rows: &[(String, Option<Vec<u8>>)]) {
         ],
     )
     .unwrap();
+    write_batch(path, &batch);
+}
+
+/// Every record batch of the given Parquet files, in order.
+pub fn read_parquet(files: &[PathBuf]) -> Vec<RecordBatch> {
+    files
+        .iter()
+        .flat_map(|f| {
+            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f).unwrap())
+                .unwrap()
+                .build()
+                .unwrap()
+                .map(|b| b.unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Every record batch of a Parquet file, or of the files a pipeline would read below a
+/// directory (the product's own listing: recursive, sorted, hidden and `_` entries skipped, so
+/// a run's `_dead_letter` folder is not part of its scored output); none when it is missing.
+pub fn parquet_batches(path: &Path) -> Vec<RecordBatch> {
+    if !path.exists() {
+        return vec![];
+    }
+    read_parquet(&glowwatch::pipeline::source::parquet::parquet_files(path).unwrap())
+}
+
+/// Writes one record batch to a Parquet file.
+pub fn write_batch(path: &Path, batch: &RecordBatch) {
     let mut w =
-        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None)
-            .unwrap();
-    w.write(&batch).unwrap();
+        ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
+    w.write(batch).unwrap();
     w.close().unwrap();
+}
+
+/// Runs the glowwatch binary with `stdin`: (success, stdout, stderr).
+pub fn glowwatch(args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_glowwatch"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

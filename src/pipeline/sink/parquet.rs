@@ -75,8 +75,13 @@ pub fn partition_dir(p: Partitioning, at: SystemTime) -> String {
 }
 
 /// Whether `name` is one of this sink's own temporary files (`.part-*.parquet.tmp`).
-fn is_own_temp(name: &str) -> bool {
+pub fn is_own_temp(name: &str) -> bool {
     name.starts_with(".part-") && name.ends_with(".parquet.tmp")
+}
+
+/// Whether `name` is a file this sink finished (`part-<run>-<seq>.parquet`).
+pub fn is_own_file(name: &str) -> bool {
+    name.starts_with("part-") && name.ends_with(".parquet")
 }
 
 /// Removes the temporary files a killed run left under `dir` (partition folders included) and
