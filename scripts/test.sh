@@ -2,6 +2,7 @@
 # The test command of README.md: installs what the tests need and is missing, then runs the
 # tests. Safe to run again: what is there is kept.
 #   - python readers for the interop test (pyarrow, duckdb: other Parquet readers than ours);
+#   - Debian's chromium and chromium-driver for the dashboard's browser tests (apt-get);
 #   - the tansu Kafka-protocol broker the Kafka tests start (../shared/docs/stack.md), built
 #     from crates.io into ~/.local (15-20 min the first time; it builds while fmt and clippy run).
 # Then: cargo fmt --check, cargo clippy -D warnings, cargo test (arguments are passed on:
@@ -27,6 +28,17 @@ if ! python3 -c "import pyarrow, duckdb" >/dev/null 2>&1; then
 fi
 if [ -x target/python/bin/python3 ]; then export PATH="$PWD/target/python/bin:$PATH"; fi
 python3 -c "import pyarrow, duckdb; print('   pyarrow', pyarrow.__version__, '| duckdb', duckdb.__version__)"
+
+if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+  echo "== $(/usr/bin/chromium --version 2>/dev/null | head -1) + chromedriver"
+else
+  echo "== installing chromium and chromium-driver (Debian) for the dashboard tests"
+  as_root=()
+  if [ "$(id -u)" -ne 0 ]; then as_root=(sudo -n); fi
+  "${as_root[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq chromium chromium-driver >/dev/null
+  /usr/bin/chromium --version
+fi
 
 tansu_pid=""
 tansu_log="$(mktemp)"

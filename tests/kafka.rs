@@ -2,7 +2,8 @@
 //! `tests/common/broker.rs`): 10,000 real images end to end with the expected flags and
 //! offsets committed to the end; kill -9 mid-stream and restart without losing a record;
 //! malformed messages and envelopes to the dead-letter topic with reasons and coordinates;
-//! two instances in one group sharing the partitions and scoring every record once.
+//! two instances in one group sharing the partitions and scoring every record once; drift
+//! alarms to the alarm topic and the live dashboard's counts of a stream.
 
 mod common;
 
@@ -443,13 +444,13 @@ fn malformed_messages_and_envelopes_go_to_the_dead_letter_topic() {
     }
 }
 
-/// HTTP GET of `/metrics`.
-fn scrape(port: u16) -> String {
+/// HTTP GET of `path` on the metrics listener: the whole response, headers included.
+fn get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();
@@ -522,7 +523,7 @@ fn kill_nine_mid_stream_then_restart_loses_no_record() {
     }
     // Give the statistics callback a moment, then check the metrics endpoint.
     std::thread::sleep(Duration::from_millis(1500));
-    let metrics = scrape(port);
+    let metrics = get(port, "/metrics");
     for name in [
         "glowwatch_records_consumed_total",
         "glowwatch_records_scored_total",
@@ -992,4 +993,91 @@ path = "out/dead"
     assert!(out.status.success(), "{log}");
     assert!(log.contains("repeats are counted"), "{log}");
     assert!(lines < 25, "{lines} lines in 6 s:\n{log}");
+}
+
+/// A streaming pipeline's drift alarms reach the alarm topic as JSON records, and its live
+/// dashboard (`/api/state` on the metrics listener) counts the stream: a feed of Fashion-MNIST
+/// test images that switches to MNIST digits, scored by the demo's detector.
+#[test]
+fn drift_alarms_reach_the_alarm_topic_and_the_live_board_counts_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::with_topics("images", 1);
+    broker.create_topic("scored", 1);
+    broker.create_topic("alarms", 1);
+    let mut rows = images("fashion_mnist_test.parquet", 400);
+    rows.extend(images("mnist.parquet", 300));
+    broker.produce("images", &png_messages(&rows));
+    let port = free_port();
+    let repo = |p: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join(p).display().to_string();
+    let text = format!(
+        r#"
+name = "drifting"
+[source]
+kind = "kafka"
+[source.kafka]
+brokers = "{brokers}"
+group = "drift"
+topics = ["images"]
+max_batch_rows = 64
+max_wait_ms = 50
+[source.kafka.options]
+"statistics.interval.ms" = "500"
+[models]
+in = "{model}"
+general = "{general}"
+device = "cpu"
+batch = 64
+[flag]
+score = "combined"
+calibration = "{cal}"
+[sinks.kafka]
+scored_topic = "scored"
+alarm_topic = "alarms"
+[sinks.dead_letter]
+path = "out/dead"
+partition = "none"
+[metrics]
+listen = "127.0.0.1:{port}"
+"#,
+        brokers = broker.addr,
+        model = repo("models/fashion-mnist-outlier.safetensors"),
+        general = repo("models/general-mix.safetensors"),
+        cal = repo("models/fashion-mnist-outlier.calibration.json"),
+    );
+    let cfg = PipelineConfig::parse(&text, dir.path()).unwrap();
+    let mut alarms = TopicReader::new(&broker, "alarms");
+    let mut scored = TopicReader::new(&broker, "scored");
+    let mut state = serde_json::Value::Null;
+    let summary = run_until(
+        &cfg,
+        || {
+        scored.poll_until(700, Duration::from_millis(20));
+        alarms.poll_until(1, Duration::from_millis(20));
+        if scored.messages().len() >= 700 && !alarms.messages().is_empty() {
+            let body = get(port, "/api/state");
+            state = serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap_or("null"))
+                .unwrap_or(serde_json::Value::Null);
+            return state["scored"] == 700
+                && !state["lag"].as_object().is_none_or(|l| l.is_empty());
+        }
+        false
+        },
+        Duration::from_secs(240),
+    );
+    assert_eq!(summary.scored, 700);
+    assert!(!summary.drift_alarms.is_empty(), "no alarm: {summary:?}");
+    let a = json(&alarms.messages()[0]);
+    assert_eq!(a["pipeline"], "drifting");
+    assert_eq!(a["event"], "started");
+    let record = a["record"].as_u64().unwrap();
+    assert!(record > 400 && record <= 700, "alarm at record {record}");
+    assert_eq!(
+        alarms.messages()[0].key(),
+        Some(a["score"].as_str().unwrap().as_bytes())
+    );
+    // The live board: the stream's counts, the alarm, the consumer lag.
+    assert_eq!(state["scored"], 700, "{state}");
+    assert_eq!(state["records"], 700);
+    assert_eq!(state["alarms"][0]["score"], a["score"]);
+    assert!(state["lag"]["images/0"].is_i64(), "{state}");
 }

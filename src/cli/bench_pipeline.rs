@@ -62,6 +62,10 @@ pub struct BenchPipelineArgs {
     /// Timed rounds of each pure-scoring variant (interleaved; medians reported).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Whole-pipeline runs without and with the dashboard fed and served (`[metrics] listen`
+    /// on a free port), alternating, each this many times; medians reported.
+    #[arg(long, default_value_t = 1)]
+    pub pipeline_rounds: usize,
 }
 
 /// Runs `glowwatch bench-pipeline`.
@@ -204,7 +208,20 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
         metrics: Default::default(),
         drift: Default::default(),
     };
-    let s = run_pipeline(&pcfg)?;
+    let (mut plain, mut board) = (vec![], vec![]);
+    let mut s = None;
+    for r in 0..a.pipeline_rounds.max(1) {
+        for with_board in [r % 2 == 1, r % 2 == 0] {
+            let mut c = pcfg.clone();
+            if with_board {
+                c.metrics.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+            }
+            let run = run_pipeline(&c)?;
+            if with_board { &mut board } else { &mut plain }.push(run.rows_per_s);
+            s = Some(run);
+        }
+    }
+    let s = s.expect("at least one run");
     println!("{:<44} {:>12}", "measurement", "value");
     println!("{}", "-".repeat(57));
     println!("{:<44} {:>12}", "rows through the pipeline", s.rows_in);
@@ -241,14 +258,20 @@ pub fn run(a: BenchPipelineArgs) -> Result<()> {
         );
     }
     println!("{:<44} {:>12}", "pipeline flags by", score.to_string());
+    let (plain, board) = (median(&mut plain), median(&mut board));
     println!(
         "{:<44} {:>12.0}",
-        "pipeline rows/s (Parquet -> Parquet)", s.rows_per_s
+        "pipeline rows/s (Parquet -> Parquet)", plain
     );
+    println!(
+        "{:<44} {:>12.0}",
+        "pipeline rows/s, dashboard fed and served", board
+    );
+    println!("{:<44} {:>12.3}", "with dashboard / without", board / plain);
     println!(
         "{:<44} {:>12.3}",
         "pipeline / pure scoring (all terms)",
-        s.rows_per_s / pure
+        plain / pure
     );
     if let Some(mib) = crate::bench::peak_rss_mib() {
         println!("{:<44} {:>12.0}", "peak resident memory, MiB", mib);

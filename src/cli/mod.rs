@@ -6,6 +6,7 @@ mod bench_pipeline;
 mod bench_sql;
 mod bench_stream;
 mod calibrate;
+mod dashboard;
 mod doctor;
 mod eval;
 mod import;
@@ -91,6 +92,8 @@ enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Run a pipeline (pipelines/*.toml): Parquet or Kafka in -> decode -> score -> flag -> Parquet / Kafka out.
     Run(run::RunArgs),
+    /// Serve the dashboard of a pipeline's output files (a running pipeline serves its own on `[metrics] listen`).
+    Dashboard(dashboard::DashboardArgs),
     /// One-off scoring: Parquet in, scored Parquet out (dead letters in <output>/_dead_letter).
     Score(score::ScoreArgs),
     /// Turn an image folder (PNG/JPEG) or IDX files into Parquet of the input schema.
@@ -126,6 +129,7 @@ pub fn main() -> ExitCode {
         Command::Eval(a) => eval::run(a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Run(a) => run::run(a),
+        Command::Dashboard(a) => dashboard::run(a),
         Command::Score(a) => score::run(a),
         Command::Import(a) => import::run(a),
         Command::BenchPipeline(a) => bench_pipeline::run(a),

@@ -107,7 +107,7 @@ fn print_stream_summary(s: &StreamSummary, json: bool) -> Result<()> {
 }
 
 /// Structured logs on stderr; `RUST_LOG` overrides the default `info` level.
-fn init_logging() {
+pub(super) fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()

@@ -32,7 +32,7 @@ pub struct PipelineConfig {
     /// Optional evaluation of a labelled run (the demo).
     #[serde(default)]
     pub summary: SummaryConfig,
-    /// The Prometheus `/metrics` endpoint of a streaming pipeline.
+    /// The dashboard and Prometheus `/metrics` endpoint of a running pipeline.
     #[serde(default)]
     pub metrics: MetricsConfig,
     /// Drift alarms on the score distributions.
@@ -89,7 +89,8 @@ impl Default for DriftConfigToml {
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Address to serve `/metrics` on (e.g. `127.0.0.1:9898`); none = no endpoint.
+    /// Address to serve the dashboard (`/`) and Prometheus text (`/metrics`) on (e.g.
+    /// `127.0.0.1:9898`; port 0: any free port, logged); none = no server.
     #[serde(default)]
     pub listen: Option<std::net::SocketAddr>,
 }
@@ -268,6 +269,10 @@ pub struct KafkaSinkConfig {
     /// Topic of dead letters: original bytes, with reason and coordinates in headers.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
+    /// Topic of drift alarms: one JSON record when an alarm starts and one when it clears
+    /// (keyed by the score's name).
+    #[serde(default)]
+    pub alarm_topic: Option<String>,
     /// Extra librdkafka producer settings.
     #[serde(default)]
     pub options: std::collections::BTreeMap<String, String>,

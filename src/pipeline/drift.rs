@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 
 use metrics::gauge;
-use rayon::prelude::*;
 use tracing::{info, warn};
 
 use super::config::DriftConfigToml;
@@ -27,6 +26,43 @@ fn simulations(ert: f64, stride: usize, windows: usize) -> usize {
     ((10.0 / level).ceil() as usize).clamp(10_000, 1_000_000)
 }
 
+/// Each scale's watched score: its likelihood ratio with a general model, else its -lp.
+pub fn scale_kinds(scales: usize, general: bool) -> Vec<ScoreKind> {
+    (0..scales)
+        .map(|k| {
+            if general {
+                ScoreKind::LlrScale(k)
+            } else {
+                ScoreKind::Scale(k)
+            }
+        })
+        .collect()
+}
+
+/// An alarm starting or clearing (what the dashboard lists).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DriftEvent {
+    /// The watched score.
+    pub score: String,
+    /// `true` when the alarm starts, `false` when it clears.
+    pub started: bool,
+    /// The record (1-based, among this monitor's finite scores) of the check.
+    pub record: u64,
+    /// The windows over their thresholds (`window 64: 0.91 > 0.74`), when it starts.
+    pub detail: String,
+}
+
+/// A watched score's last check.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DriftStatus {
+    /// The watched score.
+    pub score: String,
+    /// Whether an alarm is on.
+    pub alarmed: bool,
+    /// Per window: size, last statistic (NaN before the first check), threshold.
+    pub windows: Vec<(usize, f64, f64)>,
+}
+
 struct Watched {
     kind: ScoreKind,
     name: String,
@@ -34,6 +70,8 @@ struct Watched {
     alarmed: bool,
     /// Consecutive checks below every threshold since the last one above.
     calm: usize,
+    /// Last statistic per window.
+    last: Vec<f64>,
 }
 
 /// The drift detectors of a pipeline.
@@ -64,13 +102,7 @@ impl DriftMonitor {
             return Ok(None);
         };
         let mut kinds = vec![flagged];
-        kinds.extend((0..scales).map(|k| {
-            if general {
-                ScoreKind::LlrScale(k)
-            } else {
-                ScoreKind::Scale(k)
-            }
-        }));
+        kinds.extend(scale_kinds(scales, general));
         kinds.dedup();
         let watchable = kinds
             .iter()
@@ -89,7 +121,7 @@ impl DriftMonitor {
             simulations: simulations(cfg.ert * watchable as f64, cfg.stride, cfg.windows.len()),
             seed: 0x0d71f7,
         };
-        // Thresholds take ~10^5 permutations per score: the scores in parallel.
+        // Thresholds take ~10^5 permutations per score; scores with tie-free references share.
         let sources: Vec<(ScoreKind, &[f64])> = kinds
             .into_iter()
             .filter_map(|k| {
@@ -97,10 +129,8 @@ impl DriftMonitor {
                 Some((k, t.quantiles.as_slice()))
             })
             .collect();
-        let detectors = sources
-            .par_iter()
-            .map(|(_, q)| CvmDetector::calibrate(q, &dc))
-            .collect::<Result<Vec<_>, String>>()?;
+        let refs: Vec<&[f64]> = sources.iter().map(|(_, q)| *q).collect();
+        let detectors = CvmDetector::calibrate_all(&refs, &dc)?;
         let mut watched = vec![];
         for ((kind, _), detector) in sources.into_iter().zip(detectors) {
             let name = kind.to_string();
@@ -115,6 +145,7 @@ impl DriftMonitor {
                 detector,
                 alarmed: false,
                 calm: 0,
+                last: vec![f64::NAN; cfg.windows.len()],
             });
         }
         let widest = cfg.windows.iter().copied().max().unwrap_or(1);
@@ -131,13 +162,39 @@ impl DriftMonitor {
         self.watched.iter().map(|w| w.name.as_str()).collect()
     }
 
-    /// Feeds a batch of scored images, in arrival order.
-    pub fn observe(&mut self, scores: &[ImageScores]) {
+    /// Each watched score's last check.
+    pub fn status(&self) -> Vec<DriftStatus> {
+        self.watched
+            .iter()
+            .map(|w| DriftStatus {
+                score: w.name.clone(),
+                alarmed: w.alarmed,
+                windows: w
+                    .detector
+                    .windows()
+                    .iter()
+                    .zip(w.detector.thresholds())
+                    .zip(&w.last)
+                    .map(|((&win, &th), &st)| (win, st, th))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Feeds a batch of scored images, in arrival order; returns the alarms that started or
+    /// cleared in it.
+    pub fn observe(&mut self, scores: &[ImageScores]) -> Vec<DriftEvent> {
+        let mut events = vec![];
         for w in &mut self.watched {
             for s in scores {
                 let Some(check) = w.detector.push(w.kind.value(s)) else {
                     continue;
                 };
+                for (win, stat, _) in &check.windows {
+                    if let Some(i) = w.detector.windows().iter().position(|x| x == win) {
+                        w.last[i] = *stat;
+                    }
+                }
                 for (win, stat, _) in &check.windows {
                     gauge!(m::DRIFT_STATISTIC, "score" => w.name.clone(), "window" => win.to_string())
                         .set(*stat);
@@ -161,9 +218,21 @@ impl DriftMonitor {
                         "drift alarm: the score's distribution left its calibration ({})",
                         over.join(", ")
                     );
+                    events.push(DriftEvent {
+                        score: w.name.clone(),
+                        started: true,
+                        record: check.records,
+                        detail: over.join(", "),
+                    });
                 } else if w.alarmed && w.calm >= self.clear_after {
                     w.alarmed = false;
                     info!(score = %w.name, records = check.records, "drift alarm cleared");
+                    events.push(DriftEvent {
+                        score: w.name.clone(),
+                        started: false,
+                        record: check.records,
+                        detail: String::new(),
+                    });
                 }
                 gauge!(m::DRIFT_ALARM, "score" => w.name.clone()).set(if w.alarmed {
                     1.0
@@ -172,6 +241,7 @@ impl DriftMonitor {
                 });
             }
         }
+        events
     }
 }
 

@@ -1,5 +1,5 @@
-//! Prometheus metrics of a streaming pipeline, served as text on `http://<listen>/metrics`
-//! (`[metrics] listen = "127.0.0.1:9898"` in a pipeline file).
+//! Prometheus metrics of a pipeline, served as text on `http://<listen>/metrics` beside the
+//! dashboard (`[metrics] listen = "127.0.0.1:9898"` in a pipeline file).
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -17,10 +17,10 @@
 //! | `glowwatch_consumer_paused` | gauge | (1 while back-pressure pauses consumption) |
 //! | `glowwatch_commits_total`, `glowwatch_rebalances_total` | counter | |
 
-use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use super::{PipelineError, Result};
 
@@ -59,15 +59,22 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// Installs the global Prometheus recorder and serves `/metrics` on `listen`. A process has
-/// one recorder: a second call fails with a clear error.
-pub fn serve(listen: SocketAddr) -> Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(listen)
+/// Installs the global Prometheus recorder (once per process; later calls return the same
+/// handle). Its text is served at `/metrics` by the dashboard's server
+/// ([`super::dashboard::server`]).
+///
+/// Errors: another recorder was installed first.
+pub fn install() -> Result<PrometheusHandle> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let h = PrometheusBuilder::new()
         .set_buckets(LATENCY_BUCKETS)
         .map_err(|e| PipelineError::Config(format!("metrics: {e}")))?
-        .install()
-        .map_err(|e| PipelineError::Config(format!("metrics on {listen}: {e}")))
+        .install_recorder()
+        .map_err(|e| PipelineError::Config(format!("metrics: {e}")))?;
+    Ok(HANDLE.get_or_init(|| h).clone())
 }
 
 /// Depth of a bounded channel between two stages, kept beside it (std channels do not expose

@@ -5,6 +5,7 @@
 //! its data through the same source and decode code. [`schema`] defines the records written.
 
 pub mod config;
+pub mod dashboard;
 pub mod decode;
 pub mod drift;
 pub mod error_log;

@@ -92,6 +92,25 @@ pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
     Ok((scorer, flagger))
 }
 
+/// The calibration a pipeline scoring with `scorer` flags by (its own file or its registry
+/// version's), when it has one that belongs to the scorer's models; `None` with a fixed
+/// threshold.
+pub fn pipeline_calibration(
+    cfg: &PipelineConfig,
+    scorer: &ModelScorer,
+) -> Result<Option<Calibration>> {
+    let flag = resolved_flag(cfg, in_model(cfg)?.2);
+    if flag.threshold.is_some() {
+        return Ok(None);
+    }
+    Ok(flag
+        .calibration
+        .map(|p| Calibration::load(&p))
+        .transpose()
+        .map_err(PipelineError::Config)?
+        .filter(|c| c.belongs_to(scorer.in_model_id(), scorer.general_model_id())))
+}
+
 /// The drift alarms of a pipeline scoring with `scorer` and `flagger`: referenced by the same
 /// calibration the threshold comes from; `None` without one (a fixed threshold), when it has
 /// no quantiles, or with `[drift] enabled = false`.
@@ -100,16 +119,7 @@ pub fn drift_monitor(
     scorer: &ModelScorer,
     flagger: &Flagger,
 ) -> Result<Option<super::drift::DriftMonitor>> {
-    let flag = resolved_flag(cfg, in_model(cfg)?.2);
-    if flag.threshold.is_some() {
-        return Ok(None);
-    }
-    let cal = flag
-        .calibration
-        .map(|p| Calibration::load(&p))
-        .transpose()
-        .map_err(PipelineError::Config)?
-        .filter(|c| c.belongs_to(scorer.in_model_id(), scorer.general_model_id()));
+    let cal = pipeline_calibration(cfg, scorer)?;
     super::drift::DriftMonitor::new(
         &cfg.drift,
         cal.as_ref(),

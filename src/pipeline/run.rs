@@ -11,6 +11,7 @@
 //! fails the run fails, and abandoned temporary files are removed.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Instant, SystemTime};
 
@@ -22,7 +23,11 @@ use serde::Serialize;
 use super::config::{PipelineConfig, SourceKind};
 use super::decode::{BatchOrigin, DecodedBatch, decode_batch};
 use super::flag::Status;
-use super::models::{ModelWatcher, drift_monitor, load_scorer};
+use metrics::counter;
+
+use super::dashboard::{self, BoardModels};
+use super::metrics as m;
+use super::models::{ModelWatcher, drift_monitor, load_scorer, pipeline_calibration};
 use super::schema::{dead_letter_schema, scored_schema};
 use super::score::scored_batch;
 use super::sink::{ParquetSink, WrittenFile};
@@ -122,6 +127,8 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
     let (mut scorer, mut flagger) = load_scorer(cfg)?;
     let mut drift = drift_monitor(cfg, &scorer, &flagger)?;
     let mut watcher = ModelWatcher::new(cfg, scorer.version())?;
+    let served = dashboard::serve_pipeline(cfg, &scorer, &flagger)?;
+    let board = served.as_ref().map(|(b, _)| Arc::clone(b));
 
     // Check the input before any work.
     let source = ParquetSource::open(&cfg.source.paths)?;
@@ -246,16 +253,30 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
                         merge_alarms(&mut sum.drift_alarms, &mut sum.drift_first_alarm, d);
                     }
                     drift = drift_monitor(cfg, &scorer, &flagger)?;
+                    if let Some(b) = &board {
+                        let cal = pipeline_calibration(cfg, &scorer)?;
+                        b.set_models(BoardModels::new(&scorer, &flagger, cal.as_ref()));
+                    }
                 }
                 let at = SystemTime::now();
                 let scores = scorer.score_pixels(&d.pixels)?;
-                if let Some(m) = &mut drift {
-                    m.observe(&scores);
-                }
                 let (scored, flags) =
                     scored_batch(&out_schema, &d.rows, &scores, &scorer, &flagger, at)?;
+                if let Some(b) = &board {
+                    let id = &cfg.source.id_column;
+                    dashboard::observe_batch(b, &scored, id, &scores, &flags, &d.pixels, &d.dead, at);
+                }
+                if let Some(m) = &mut drift {
+                    let events = m.observe(&scores);
+                    if let Some(b) = &board {
+                        b.drift(m.status(), &events, at);
+                    }
+                }
+                let flagged = flags.iter().filter(|f| f.is_ood).count() as u64;
                 sum.scored += scored.num_rows() as u64;
-                sum.flagged += flags.iter().filter(|f| f.is_ood).count() as u64;
+                sum.flagged += flagged;
+                counter!(m::SCORED).increment(scored.num_rows() as u64);
+                counter!(m::FLAGGED, "score" => sum.score.clone()).increment(flagged);
                 sum.non_finite += flags
                     .iter()
                     .filter(|f| f.status == Status::NonFinite)
@@ -265,6 +286,7 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
                     *sum.dead_by_reason
                         .entry(r.as_str().to_string())
                         .or_default() += 1;
+                    counter!(m::DEAD_LETTERS, "reason" => r.as_str()).increment(1);
                 }
                 if let Some(ti) = truth_idx {
                     let t = d.rows.column(ti).as_boolean();

@@ -352,3 +352,57 @@ pub fn scored_batch(
     )));
     Ok((RecordBatch::try_new(Arc::clone(schema), cols)?, flags))
 }
+
+/// The scores of scored records read back ([`scored_batch`]'s inverse for what the score kinds
+/// need): per-scale likelihoods of both models, the zlib input bits, the expected complexity
+/// (`complexity - complexity_cond`) and `combined`. `dims` is the model input's C*H*W.
+///
+/// Errors: a `lp_scale_k`, `input_bits` or `complexity` column is missing or not Float64.
+pub fn scores_from_scored(
+    batch: &RecordBatch,
+    scales: usize,
+    dims: usize,
+) -> Result<Vec<ImageScores>, crate::pipeline::PipelineError> {
+    use arrow::array::{Array, AsArray, Float64Array};
+    use arrow::datatypes::Float64Type;
+    let col = |name: &str| -> Result<Option<&Float64Array>, crate::pipeline::PipelineError> {
+        match batch.column_by_name(name) {
+            None => Ok(None),
+            Some(c) => c.as_primitive_opt::<Float64Type>().map(Some).ok_or_else(|| {
+                crate::pipeline::PipelineError::Schema(format!(
+                    "scored column `{name}` is {}, not Float64",
+                    c.data_type()
+                ))
+            }),
+        }
+    };
+    let need = |name: &str| {
+        col(name)?.ok_or_else(|| {
+            crate::pipeline::PipelineError::Schema(format!("scored records lack `{name}`"))
+        })
+    };
+    let lp: Vec<&Float64Array> = (0..scales)
+        .map(|k| need(&format!("lp_scale_{k}")))
+        .collect::<Result<_, _>>()?;
+    let gen_lp: Vec<Option<&Float64Array>> = (0..scales)
+        .map(|k| col(&format!("gen_lp_scale_{k}")))
+        .collect::<Result<_, _>>()?;
+    let bits = need("input_bits")?;
+    let complexity = need("complexity")?;
+    let cond = col("complexity_cond")?;
+    let combined = col("combined")?;
+    let value = |a: Option<&Float64Array>, i: usize| a.filter(|a| a.is_valid(i)).map(|a| a.value(i));
+    Ok((0..batch.num_rows())
+        .map(|i| {
+            let lp_gen = gen_lp
+                .iter()
+                .map(|g| value(*g, i))
+                .collect::<Option<Vec<f64>>>();
+            let mut s = ImageScores::from_lp(lp.iter().map(|a| a.value(i)).collect(), lp_gen, dims);
+            s.input_bits[Compressor::Zlib.index()] = bits.value(i);
+            s.expected_complexity = value(cond, i).map(|c| complexity.value(i) - c);
+            s.combined = value(combined, i);
+            s
+        })
+        .collect())
+}

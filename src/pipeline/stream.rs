@@ -52,7 +52,9 @@ use super::decode::{BatchOrigin, ImageColumns, decode_batch};
 use super::error_log::{ErrorLog, log_librdkafka};
 use super::flag::Status;
 use super::metrics::{self as m, QueueDepth};
-use super::models::{ModelWatcher, drift_monitor, load_scorer};
+use super::dashboard::{self, Board, BoardModels};
+use super::drift::DriftEvent;
+use super::models::{ModelWatcher, drift_monitor, load_scorer, pipeline_calibration};
 use super::offsets::{BatchSeq, OffsetTracker, PartitionRange, TopicPartition};
 use super::run::merge_alarms;
 use super::run::{join, run_id, send};
@@ -138,6 +140,7 @@ struct StreamContext {
     shared: Arc<Mutex<Shared>>,
     flush_now: Arc<AtomicBool>,
     drain_timeout: Duration,
+    board: Option<Arc<Board>>,
 }
 
 impl ClientContext for StreamContext {
@@ -156,6 +159,9 @@ impl ClientContext for StreamContext {
                 if *p >= 0 && ps.consumer_lag >= 0 {
                     gauge!(m::CONSUMER_LAG, "topic" => topic.clone(), "partition" => p.to_string())
                         .set(ps.consumer_lag as f64);
+                    if let Some(b) = &self.board {
+                        b.lag(topic, *p, ps.consumer_lag);
+                    }
                 }
             }
         }
@@ -249,6 +255,8 @@ struct Out {
     scored: RecordBatch,
     dead: RecordBatch,
     at: SystemTime,
+    /// Drift alarms that started or cleared in this batch.
+    alarms: Vec<DriftEvent>,
 }
 
 /// Builds the consumer of a Kafka source (manual commits; `options` override the defaults).
@@ -336,10 +344,8 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
     };
     let (mut scorer, mut flagger) = load_scorer(cfg)?;
     let mut watcher = ModelWatcher::new(cfg, scorer.version())?;
-    if let Some(addr) = cfg.metrics.listen {
-        m::serve(addr)?;
-        info!(%addr, "serving /metrics");
-    }
+    let served = dashboard::serve_pipeline(cfg, &scorer, &flagger)?;
+    let board = served.as_ref().map(|(b, _)| Arc::clone(b));
     let out_schema = scored_schema(&kafka_input_schema(), scorer.scales());
     let run = run_id();
     let mut scored_pq = cfg
@@ -381,6 +387,7 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
             shared: Arc::clone(&shared),
             flush_now: Arc::clone(&flush_now),
             drain_timeout: Duration::from_millis(k.drain_timeout_ms),
+            board: board.clone(),
         },
     )?;
     info!(
@@ -649,6 +656,7 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                         if let Some(kafka) = &kafka_sink {
                             kafka.send_scored(&o.scored)?;
                             kafka.send_dead_letters(&o.dead)?;
+                            kafka.send_alarms(&cfg.name, &o.alarms, o.at)?;
                         }
                         if let Some(p) = &mut scored_pq {
                             p.write(&o.scored, o.at)?;
@@ -715,14 +723,25 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                         merge_alarms(&mut summary.drift_alarms, &mut summary.drift_first_alarm, m);
                     }
                     drift = drift_monitor(cfg, &scorer, &flagger)?;
+                    if let Some(b) = &board {
+                        let cal = pipeline_calibration(cfg, &scorer)?;
+                        b.set_models(BoardModels::new(&scorer, &flagger, cal.as_ref()));
+                    }
                 }
                 let at = SystemTime::now();
                 let scores = scorer.score_pixels(&d.pixels)?;
-                if let Some(m) = &mut drift {
-                    m.observe(&scores);
-                }
                 let (scored, flags) =
                     scored_batch(&out_schema, &d.rows, &scores, &scorer, &flagger, at)?;
+                if let Some(b) = &board {
+                    dashboard::observe_batch(b, &scored, "id", &scores, &flags, &d.pixels, &d.dead, at);
+                }
+                let mut alarms = vec![];
+                if let Some(m) = &mut drift {
+                    alarms = m.observe(&scores);
+                    if let Some(b) = &board {
+                        b.drift(m.status(), &alarms, at);
+                    }
+                }
                 let flagged = flags.iter().filter(|f| f.is_ood).count() as u64;
                 summary.scored += scored.num_rows() as u64;
                 summary.flagged += flagged;
@@ -746,6 +765,7 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                         scored,
                         dead: d.dead,
                         at,
+                        alarms,
                     },
                     "score",
                 )?;

@@ -1,5 +1,5 @@
 //! Online drift detection of one score's distribution — the statistical core of the drift
-//! alarms (issue 20; not yet wired into the pipelines): the two-sample Cramér–von Mises
+//! alarms (`crate::pipeline::drift` runs them in the pipelines): the two-sample Cramér–von Mises
 //! statistic (Anderson 1962, "On the distribution of the two-sample Cramér-von Mises
 //! criterion"; the definition of `scipy.stats.cramervonmises_2samp`, ties by average ranks) of
 //! the last W live scores against a reference sample (the calibration's held-out inliers), for
@@ -120,13 +120,63 @@ impl CvmDetector {
     /// Errors: no window sizes, a window not smaller than half the reference, ERT below the
     /// stride, or too few simulations for the false-alarm level.
     pub fn calibrate(reference: &[f64], cfg: &DriftConfig) -> Result<Self, String> {
-        let mut reference: Vec<f64> = reference
+        Ok(Self::calibrate_all(&[reference], cfg)?.remove(0))
+    }
+
+    /// Detectors for several references with the same settings (errors as [`Self::calibrate`]).
+    /// The permutation null of the statistic depends on the reference only through its ranks:
+    /// references whose finite values are distinct and equally many share one set of
+    /// thresholds, computed once; the distinct sets are computed in parallel.
+    pub fn calibrate_all(references: &[&[f64]], cfg: &DriftConfig) -> Result<Vec<Self>, String> {
+        use rayon::prelude::*;
+        let sorted: Vec<Vec<f64>> = references
             .iter()
-            .copied()
-            .filter(|v| v.is_finite())
+            .map(|r| {
+                let mut v: Vec<f64> = r.iter().copied().filter(|v| v.is_finite()).collect();
+                v.sort_by(f64::total_cmp);
+                v
+            })
             .collect();
-        reference.sort_by(f64::total_cmp);
-        let m = reference.len();
+        let alpha = sorted
+            .iter()
+            .map(|r| Self::level(r.len(), cfg))
+            .collect::<Result<Vec<f64>, String>>()?
+            .first()
+            .copied()
+            .unwrap_or(0.5);
+        // Tie-free references of one length share thresholds; others get their own.
+        let key = |r: &Vec<f64>| r.windows(2).all(|p| p[0] < p[1]).then_some(r.len());
+        let keys: Vec<Option<usize>> = sorted.iter().map(key).collect();
+        let jobs: Vec<usize> = (0..sorted.len())
+            .filter(|&i| keys[i].is_none() || !keys[..i].contains(&keys[i]))
+            .collect();
+        let thresholds: Vec<Vec<f64>> = jobs
+            .par_iter()
+            .map(|&i| Self::null_thresholds(&sorted[i], cfg, alpha))
+            .collect();
+        Ok(sorted
+            .into_iter()
+            .enumerate()
+            .map(|(i, reference)| {
+                let j = jobs
+                    .iter()
+                    .position(|&j| j == i || (keys[i].is_some() && keys[j] == keys[i]))
+                    .expect("every reference has a job");
+                Self {
+                    reference,
+                    windows: cfg.windows.clone(),
+                    thresholds: thresholds[j].clone(),
+                    stride: cfg.stride,
+                    recent: std::collections::VecDeque::new(),
+                    seen: 0,
+                }
+            })
+            .collect())
+    }
+
+    /// The false-alarm level per check, after checking the settings against a reference of
+    /// `m` finite values.
+    fn level(m: usize, cfg: &DriftConfig) -> Result<f64, String> {
         if cfg.windows.is_empty() || cfg.stride == 0 {
             return Err("drift: need at least one window size and a stride >= 1".into());
         }
@@ -150,12 +200,18 @@ impl CvmDetector {
                 (10.0 / alpha).ceil()
             ));
         }
-        let pooled = PooledRanks::new(&reference);
+        Ok(alpha)
+    }
+
+    /// Each window size's (1 - alpha) quantile of the statistic of random W-subsets of the
+    /// sorted `reference` against the rest.
+    fn null_thresholds(reference: &[f64], cfg: &DriftConfig, alpha: f64) -> Vec<f64> {
+        let m = reference.len();
+        let pooled = PooledRanks::new(reference);
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let mut order: Vec<usize> = (0..m).collect();
         let mut chosen = Vec::new();
-        let thresholds = cfg
-            .windows
+        cfg.windows
             .iter()
             .map(|&w| {
                 let mut stats: Vec<f64> = (0..cfg.simulations)
@@ -171,15 +227,12 @@ impl CvmDetector {
                 let k = ((1.0 - alpha) * stats.len() as f64).ceil() as usize;
                 stats[k.min(stats.len() - 1)]
             })
-            .collect();
-        Ok(Self {
-            reference,
-            windows: cfg.windows.clone(),
-            thresholds,
-            stride: cfg.stride,
-            recent: std::collections::VecDeque::new(),
-            seen: 0,
-        })
+            .collect()
+    }
+
+    /// The window sizes, in the order configured.
+    pub fn windows(&self) -> &[usize] {
+        &self.windows
     }
 
     /// The threshold of each window size, in the order configured.
@@ -314,6 +367,29 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(seed);
         let d = Normal::new(mean, 1.0).unwrap();
         (0..n).map(|_| d.sample(&mut rng)).collect()
+    }
+
+    /// Thresholds depend on a tie-free reference only through its length (the statistic is a
+    /// function of ranks), so such references share them; a reference with ties gets its own.
+    #[test]
+    fn tie_free_references_of_one_length_share_thresholds() {
+        let cfg = DriftConfig {
+            windows: vec![16, 64],
+            ert: 1_000.0,
+            stride: 8,
+            simulations: 2_000,
+            seed: 3,
+        };
+        let a = normal(400, 0.0, 1);
+        let b: Vec<f64> = normal(400, 5.0, 2).iter().map(|x| x.exp()).collect();
+        let ties: Vec<f64> = (0..400).map(|i| (i / 4) as f64).collect();
+        let alone = |r: &[f64]| CvmDetector::calibrate(r, &cfg).unwrap().thresholds().to_vec();
+        assert_eq!(alone(&a), alone(&b));
+        assert_ne!(alone(&a), alone(&ties));
+        let all = CvmDetector::calibrate_all(&[&a, &ties, &b], &cfg).unwrap();
+        assert_eq!(all[0].thresholds(), alone(&a));
+        assert_eq!(all[1].thresholds(), alone(&ties));
+        assert_eq!(all[2].thresholds(), alone(&b));
     }
 
     /// On a stream from the reference's distribution the false alarms are no more frequent

@@ -29,6 +29,7 @@ pub struct KafkaSink {
     errors: Arc<ErrorLog>,
     scored_topic: Option<String>,
     dead_letter_topic: Option<String>,
+    alarm_topic: Option<String>,
     format: ScoredFormat,
     include_image: bool,
     runtime: tokio::runtime::Runtime,
@@ -68,6 +69,7 @@ impl KafkaSink {
             errors,
             scored_topic: config.scored_topic.clone(),
             dead_letter_topic: config.dead_letter_topic.clone(),
+            alarm_topic: config.alarm_topic.clone(),
             format: config.format,
             include_image: config.include_image,
             runtime,
@@ -234,6 +236,35 @@ impl KafkaSink {
                 &[]
             };
             futures.push(self.enqueue(topic, key, value, Some(h))?);
+        }
+        self.wait(topic, futures)
+    }
+
+    /// Sends drift alarms that started or cleared (JSON: `pipeline`, `score`, `event` =
+    /// `started` | `cleared`, `record`, `detail`, `at` RFC 3339), keyed by score, and waits
+    /// until the broker has them. Without an alarm topic this does nothing.
+    pub fn send_alarms(
+        &self,
+        pipeline: &str,
+        events: &[crate::pipeline::drift::DriftEvent],
+        at: std::time::SystemTime,
+    ) -> Result<()> {
+        let Some(topic) = &self.alarm_topic else {
+            return Ok(());
+        };
+        let at = humantime::format_rfc3339_millis(at).to_string();
+        let mut futures = Vec::with_capacity(events.len());
+        for e in events {
+            let value = serde_json::json!({
+                "pipeline": pipeline,
+                "score": e.score,
+                "event": if e.started { "started" } else { "cleared" },
+                "record": e.record,
+                "detail": e.detail,
+                "at": at,
+            })
+            .to_string();
+            futures.push(self.enqueue(topic, &e.score, value.as_bytes(), None)?);
         }
         self.wait(topic, futures)
     }
