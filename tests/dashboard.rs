@@ -40,12 +40,19 @@ impl Drop for Killed {
 struct BrowserLog;
 
 impl WebDriverCompatibleCommand for BrowserLog {
-    fn endpoint(&self, base: &url::Url, session: Option<&str>) -> Result<url::Url, url::ParseError> {
+    fn endpoint(
+        &self,
+        base: &url::Url,
+        session: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
         base.join(&format!("session/{}/se/log", session.unwrap_or_default()))
     }
 
     fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
-        (http::Method::POST, Some(json!({"type": "browser"}).to_string()))
+        (
+            http::Method::POST,
+            Some(json!({"type": "browser"}).to_string()),
+        )
     }
 }
 
@@ -74,7 +81,9 @@ async fn browser() -> (Client, Killed) {
         },
         "goog:loggingPrefs": {"browser": "ALL"}
     });
-    let Value::Object(caps) = caps else { unreachable!() };
+    let Value::Object(caps) = caps else {
+        unreachable!()
+    };
     let connector = hyper_util::client::legacy::connect::HttpConnector::new();
     let t0 = Instant::now();
     loop {
@@ -103,7 +112,10 @@ async fn page_errors(c: &Client) -> Vec<String> {
         .filter(|e| e["level"] == "SEVERE")
         .map(|e| e["message"].as_str().unwrap_or_default().to_string())
         .collect();
-    let own = c.execute("return window.gwErrors || ['no error list']", vec![]).await.unwrap();
+    let own = c
+        .execute("return window.gwErrors || ['no error list']", vec![])
+        .await
+        .unwrap();
     errors.extend(own.as_array().into_iter().flatten().map(|v| v.to_string()));
     errors
 }
@@ -113,11 +125,14 @@ async fn js(c: &Client, script: &str) -> Value {
 }
 
 async fn text(c: &Client, id: &str) -> String {
-    js(c, &format!("return document.getElementById('{id}').textContent"))
-        .await
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    js(
+        c,
+        &format!("return document.getElementById('{id}').textContent"),
+    )
+    .await
+    .as_str()
+    .unwrap_or_default()
+    .to_string()
 }
 
 /// Waits until `script` returns true, or fails with `what` and the page's state.
@@ -126,14 +141,20 @@ async fn wait_until(c: &Client, script: &str, limit: Duration, what: &str) {
     while js(c, script).await != Value::Bool(true) {
         if t0.elapsed() > limit {
             let state = js(c, "return document.body.innerText").await;
-            panic!("{what}: not within {limit:?}; page:\n{}", state.as_str().unwrap_or_default());
+            panic!(
+                "{what}: not within {limit:?}; page:\n{}",
+                state.as_str().unwrap_or_default()
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
 fn repo(p: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(p)
+        .display()
+        .to_string()
 }
 
 /// A pipeline on the demo's models and calibration over `input`, writing under `out`.
@@ -198,15 +219,28 @@ async fn dashboard_shows_a_run_with_thumbnails_and_raises_a_drift_alarm_when_the
     let out = d.join("out");
     let fm = sample_rows(0, 300);
     let digits = sample_rows(300, 600);
-    let truth = |b: &RecordBatch| b.column_by_name("truth_ood").unwrap().as_boolean().true_count();
-    assert_eq!((truth(&fm), truth(&digits)), (0, 300), "the demo sample's order changed");
+    let truth = |b: &RecordBatch| {
+        b.column_by_name("truth_ood")
+            .unwrap()
+            .as_boolean()
+            .true_count()
+    };
+    assert_eq!(
+        (truth(&fm), truth(&digits)),
+        (0, 300),
+        "the demo sample's order changed"
+    );
     common::write_batch(&d.join("fm.parquet"), &fm);
     common::write_batch(&d.join("digits.parquet"), &digits);
     let first = pipeline(d, "feed", &d.join("fm.parquet"), &out, "");
     let second = pipeline(d, "feed-later", &d.join("digits.parquet"), &out, "");
     let s1 = run(&first);
     assert_eq!(s1["scored"], 300);
-    assert_eq!(s1["drift_alarms"], json!({}), "the calibration's own kind raised an alarm");
+    assert_eq!(
+        s1["drift_alarms"],
+        json!({}),
+        "the calibration's own kind raised an alarm"
+    );
 
     let mut dash = Command::new(env!("CARGO_BIN_EXE_glowwatch"))
         .args(["dashboard", "--pipeline", first.to_str().unwrap()])
@@ -233,13 +267,36 @@ async fn dashboard_shows_a_run_with_thumbnails_and_raises_a_drift_alarm_when_the
     assert_eq!(text(&c, "scored").await, "300");
     assert_eq!(text(&c, "records").await, "300");
     let flagged = s1["flagged"].as_u64().unwrap();
-    assert!(text(&c, "flagged").await.starts_with(&format!("{flagged} (")), "{}", text(&c, "flagged").await);
+    assert!(
+        text(&c, "flagged")
+            .await
+            .starts_with(&format!("{flagged} (")),
+        "{}",
+        text(&c, "flagged").await
+    );
     assert_eq!(text(&c, "dead").await, "0");
     assert_eq!(text(&c, "drift-state").await, "calm");
-    assert_eq!(js(&c, "return document.querySelectorAll('#alarms .alarm-row').length").await, 0);
+    assert_eq!(
+        js(
+            &c,
+            "return document.querySelectorAll('#alarms .alarm-row').length"
+        )
+        .await,
+        0
+    );
     // Charts: the flag rate, and the flagged score's and each scale's histogram.
-    assert_eq!(js(&c, "return document.querySelectorAll('#chart-flag-rate svg').length").await, 1);
-    assert_eq!(js(&c, "return document.querySelectorAll('.hist svg').length").await, 4);
+    assert_eq!(
+        js(
+            &c,
+            "return document.querySelectorAll('#chart-flag-rate svg').length"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        js(&c, "return document.querySelectorAll('.hist svg').length").await,
+        4
+    );
     // Thumbnails: the top anomalies, each image decoded by the browser at the model's 32x32.
     wait_until(
         &c,
@@ -248,10 +305,24 @@ async fn dashboard_shows_a_run_with_thumbnails_and_raises_a_drift_alarm_when_the
         "thumbnails loaded",
     )
     .await;
-    let sizes = js(&c, "return Array.from(document.querySelectorAll('#top img')).map(i => i.naturalWidth)").await;
+    let sizes = js(
+        &c,
+        "return Array.from(document.querySelectorAll('#top img')).map(i => i.naturalWidth)",
+    )
+    .await;
     assert_eq!(sizes, json!(vec![32; 12]), "thumbnails");
-    let ids = js(&c, "return Array.from(document.querySelectorAll('#top .id')).map(e => e.textContent)").await;
-    assert!(ids.as_array().unwrap().iter().all(|i| i.as_str().unwrap().starts_with("fashion_mnist-")), "{ids}");
+    let ids = js(
+        &c,
+        "return Array.from(document.querySelectorAll('#top .id')).map(e => e.textContent)",
+    )
+    .await;
+    assert!(
+        ids.as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i.as_str().unwrap().starts_with("fashion_mnist-")),
+        "{ids}"
+    );
 
     // The feed changes: a run over digits lands in the same output; the open page follows.
     js(&c, "window.gwSamePage = true; return true").await;
@@ -266,13 +337,24 @@ async fn dashboard_shows_a_run_with_thumbnails_and_raises_a_drift_alarm_when_the
     )
     .await;
     assert_eq!(text(&c, "drift-state").await, "ALARM");
-    assert_eq!(js(&c, "return window.gwSamePage === true").await, true, "the page was reloaded");
-    let alarm = js(&c, "return document.querySelector('#alarms .alarm-row').textContent").await;
+    assert_eq!(
+        js(&c, "return window.gwSamePage === true").await,
+        true,
+        "the page was reloaded"
+    );
+    let alarm = js(
+        &c,
+        "return document.querySelector('#alarms .alarm-row').textContent",
+    )
+    .await;
     let record: u64 = js(&c, "return Number(document.querySelector('#alarms .alarm-row td:nth-child(3)').textContent.replace(/,/g, ''))")
         .await
         .as_u64()
         .unwrap();
-    assert!(record > 300 && record <= 600, "alarm at record {record}: {alarm}");
+    assert!(
+        record > 300 && record <= 600,
+        "alarm at record {record}: {alarm}"
+    );
     // The top anomalies are digits now.
     wait_until(
         &c,
@@ -293,21 +375,30 @@ async fn dashboard_shows_a_run_with_thumbnails_and_raises_a_drift_alarm_when_the
 async fn a_running_pipeline_serves_the_live_page_and_metrics_on_its_listener() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // 1,800 images (the sample three times, ids made unique) and three that do not decode.
+    // Three rows that do not decode, then 3,000 images (the sample five times, ids made
+    // unique): long enough for the page to watch the run.
     let rows = sample_rows(0, 600);
     let ids = rows.column_by_name("id").unwrap().as_string::<i32>();
     let images = rows.column_by_name("image").unwrap().as_binary::<i32>();
-    let mut feed: Vec<(String, Option<Vec<u8>>)> = vec![];
-    for r in 0..3 {
+    let mut feed: Vec<(String, Option<Vec<u8>>)> = (0..3)
+        .map(|k| (format!("broken-{k}"), Some(b"not an image".to_vec())))
+        .collect();
+    for r in 0..5 {
         for i in 0..rows.num_rows() {
-            feed.push((format!("{}-{r}", ids.value(i)), Some(images.value(i).to_vec())));
+            feed.push((
+                format!("{}-{r}", ids.value(i)),
+                Some(images.value(i).to_vec()),
+            ));
         }
     }
-    for k in 0..3 {
-        feed.push((format!("broken-{k}"), Some(b"not an image".to_vec())));
-    }
     common::write_images(&d.join("feed.parquet"), &feed);
-    let cfg = pipeline(d, "live", &d.join("feed.parquet"), &d.join("out"), "[metrics]\nlisten = \"127.0.0.1:0\"");
+    let cfg = pipeline(
+        d,
+        "live",
+        &d.join("feed.parquet"),
+        &d.join("out"),
+        "[metrics]\nlisten = \"127.0.0.1:0\"",
+    );
     let mut child = Command::new(env!("CARGO_BIN_EXE_glowwatch"))
         .args(["run", cfg.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -324,13 +415,24 @@ async fn a_running_pipeline_serves_the_live_page_and_metrics_on_its_listener() {
             }
         }
     });
-    let url = rx.recv_timeout(Duration::from_secs(120)).expect("the dashboard's address in the log");
+    let url = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the dashboard's address in the log");
 
     let (c, _driver) = browser().await;
     c.goto(&format!("{url}/")).await.unwrap();
-    wait_until(&c, "return Number(document.body.dataset.refreshes || 0) >= 1", Duration::from_secs(30), "first refresh").await;
+    wait_until(
+        &c,
+        "return Number(document.body.dataset.refreshes || 0) >= 1",
+        Duration::from_secs(30),
+        "first refresh",
+    )
+    .await;
     let header = js(&c, "return document.querySelector('header').textContent").await;
-    assert!(header.as_str().unwrap().contains("live pipeline"), "{header}");
+    assert!(
+        header.as_str().unwrap().contains("live pipeline"),
+        "{header}"
+    );
     let scored = |t: String| t.replace(',', "").parse::<u64>().unwrap_or(0);
     let before = scored(text(&c, "scored").await);
     // The open page follows the run.
@@ -340,7 +442,7 @@ async fn a_running_pipeline_serves_the_live_page_and_metrics_on_its_listener() {
     wait_until(&c, &more, Duration::from_secs(60), "the live count grows").await;
     wait_until(
         &c,
-        "return Array.from(document.querySelectorAll('#dead-reasons td')).some(t => t.textContent === 'corrupt')",
+        "return Array.from(document.querySelectorAll('#dead-reasons td')).some(t => t.textContent === 'unknown_format')",
         Duration::from_secs(60),
         "dead letters by reason",
     )
@@ -353,8 +455,14 @@ async fn a_running_pipeline_serves_the_live_page_and_metrics_on_its_listener() {
     c.goto(&format!("{url}/metrics")).await.unwrap();
     let metrics = js(&c, "return document.body.innerText").await;
     let metrics = metrics.as_str().unwrap();
-    for name in ["glowwatch_records_scored_total", "glowwatch_dead_letters_total{reason=\"corrupt\"}"] {
-        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+    for name in [
+        "glowwatch_records_scored_total",
+        "glowwatch_dead_letters_total{reason=\"unknown_format\"}",
+    ] {
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
     }
     c.close().await.unwrap();
 }

@@ -264,7 +264,9 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
                     scored_batch(&out_schema, &d.rows, &scores, &scorer, &flagger, at)?;
                 if let Some(b) = &board {
                     let id = &cfg.source.id_column;
-                    dashboard::observe_batch(b, &scored, id, &scores, &flags, &d.pixels, &d.dead, at);
+                    dashboard::observe_batch(
+                        b, &scored, id, &scores, &flags, &d.pixels, &d.dead, at,
+                    );
                 }
                 if let Some(m) = &mut drift {
                     let events = m.observe(&scores);

@@ -368,12 +368,15 @@ pub fn scores_from_scored(
     let col = |name: &str| -> Result<Option<&Float64Array>, crate::pipeline::PipelineError> {
         match batch.column_by_name(name) {
             None => Ok(None),
-            Some(c) => c.as_primitive_opt::<Float64Type>().map(Some).ok_or_else(|| {
-                crate::pipeline::PipelineError::Schema(format!(
-                    "scored column `{name}` is {}, not Float64",
-                    c.data_type()
-                ))
-            }),
+            Some(c) => c
+                .as_primitive_opt::<Float64Type>()
+                .map(Some)
+                .ok_or_else(|| {
+                    crate::pipeline::PipelineError::Schema(format!(
+                        "scored column `{name}` is {}, not Float64",
+                        c.data_type()
+                    ))
+                }),
         }
     };
     let need = |name: &str| {
@@ -391,7 +394,8 @@ pub fn scores_from_scored(
     let complexity = need("complexity")?;
     let cond = col("complexity_cond")?;
     let combined = col("combined")?;
-    let value = |a: Option<&Float64Array>, i: usize| a.filter(|a| a.is_valid(i)).map(|a| a.value(i));
+    let value =
+        |a: Option<&Float64Array>, i: usize| a.filter(|a| a.is_valid(i)).map(|a| a.value(i));
     Ok((0..batch.num_rows())
         .map(|i| {
             let lp_gen = gen_lp

@@ -48,12 +48,12 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::config::{KafkaSourceConfig, PipelineConfig, SourceKind};
+use super::dashboard::{self, Board, BoardModels};
 use super::decode::{BatchOrigin, ImageColumns, decode_batch};
+use super::drift::DriftEvent;
 use super::error_log::{ErrorLog, log_librdkafka};
 use super::flag::Status;
 use super::metrics::{self as m, QueueDepth};
-use super::dashboard::{self, Board, BoardModels};
-use super::drift::DriftEvent;
 use super::models::{ModelWatcher, drift_monitor, load_scorer, pipeline_calibration};
 use super::offsets::{BatchSeq, OffsetTracker, PartitionRange, TopicPartition};
 use super::run::merge_alarms;
@@ -733,7 +733,9 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
                 let (scored, flags) =
                     scored_batch(&out_schema, &d.rows, &scores, &scorer, &flagger, at)?;
                 if let Some(b) = &board {
-                    dashboard::observe_batch(b, &scored, "id", &scores, &flags, &d.pixels, &d.dead, at);
+                    dashboard::observe_batch(
+                        b, &scored, "id", &scores, &flags, &d.pixels, &d.dead, at,
+                    );
                 }
                 let mut alarms = vec![];
                 if let Some(m) = &mut drift {

@@ -377,13 +377,18 @@ mod tests {
             windows: vec![16, 64],
             ert: 1_000.0,
             stride: 8,
-            simulations: 2_000,
+            simulations: 5_000,
             seed: 3,
         };
         let a = normal(400, 0.0, 1);
         let b: Vec<f64> = normal(400, 5.0, 2).iter().map(|x| x.exp()).collect();
         let ties: Vec<f64> = (0..400).map(|i| (i / 4) as f64).collect();
-        let alone = |r: &[f64]| CvmDetector::calibrate(r, &cfg).unwrap().thresholds().to_vec();
+        let alone = |r: &[f64]| {
+            CvmDetector::calibrate(r, &cfg)
+                .unwrap()
+                .thresholds()
+                .to_vec()
+        };
         assert_eq!(alone(&a), alone(&b));
         assert_ne!(alone(&a), alone(&ties));
         let all = CvmDetector::calibrate_all(&[&a, &ties, &b], &cfg).unwrap();

