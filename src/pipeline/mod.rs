@@ -1,7 +1,8 @@
 //! The scoring path, one stage per module: [`source`] (Parquet files, row group by row group) ->
 //! [`decode`] (image bytes -> model-sized 8-bit pixels, failures become dead-letter reasons) ->
 //! [`score`] -> [`flag`] -> [`sink`]s, wired by [`run`] (Parquet, to completion) or [`stream`] (Kafka, until stopped; commits
-//! per [`offsets`], exports [`metrics`]) with bounded channels. Training reads
+//! per [`offsets`], exports [`metrics`]) with bounded channels; [`drift`] watches the score
+//! distributions and [`dashboard`] shows a run to its operators. Training reads
 //! its data through the same source and decode code. [`schema`] defines the records written.
 
 pub mod config;

@@ -365,7 +365,7 @@ impl Board {
             st.open.n += 1;
             st.open.flagged += f.is_ood as u32;
             for (j, ((_, t), v)) in kinds.iter().zip(&scales).enumerate() {
-                if t.is_some_and(|t| !(*v <= t)) {
+                if t.is_some_and(|t| *v > t || v.is_nan()) {
                     st.open.scales[j] += 1;
                 }
             }
@@ -632,7 +632,7 @@ mod tests {
             .iter()
             .map(|v| Flag {
                 score: *v,
-                is_ood: !(*v <= 0.5),
+                is_ood: *v > 0.5 || v.is_nan(),
                 status: if v.is_finite() {
                     Status::Ok
                 } else {
