@@ -150,10 +150,13 @@ fn tap_sum_cpu<E: Real>(src: &[E], dims: [usize; 4], off: usize) -> Vec<E> {
     let [n, h, w, c] = dims;
     let src = &src[off..];
     let mut out = vec![E::put(0.0); n * h * w * c];
-    out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
-        let (b, y, x) = (row / (h * w), (row / w) % h, row % w);
-        for (j, oj) in o.iter_mut().enumerate() {
-            let mut acc = 0.0;
+    // Taps outer, channels inner: contiguous reads that vectorise; each output still sums its
+    // taps in the order 0..9 in f64, so the result is the same as summing channel by channel.
+    out.par_chunks_mut(c).enumerate().for_each_init(
+        || vec![0f64; c],
+        |acc, (row, o)| {
+            let (b, y, x) = (row / (h * w), (row / w) % h, row % w);
+            acc.fill(0.0);
             for t in 0..9 {
                 let (yy, xx) = (
                     y as isize + t as isize / 3 - 1,
@@ -163,11 +166,16 @@ fn tap_sum_cpu<E: Real>(src: &[E], dims: [usize; 4], off: usize) -> Vec<E> {
                     continue;
                 }
                 let p = (b * h + yy as usize) * w + xx as usize;
-                acc += src[(p * 9 + t) * c + j].get();
+                let tap = &src[(p * 9 + t) * c..(p * 9 + t + 1) * c];
+                for (a, v) in acc.iter_mut().zip(tap) {
+                    *a += v.get();
+                }
             }
-            *oj = E::put(acc);
-        }
-    });
+            for (oj, a) in o.iter_mut().zip(acc.iter()) {
+                *oj = E::put(*a);
+            }
+        },
+    );
     out
 }
 
@@ -223,16 +231,26 @@ struct SmallLinear;
 
 fn small_linear_cpu<E: Real>(x: &[E], w: &[E], b: &[E], rows: usize, k: usize, n: usize) -> Vec<E> {
     let mut out = vec![E::put(0.0); rows * n];
-    out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
-        let xr = &x[r * k..(r + 1) * k];
-        for (j, oj) in o.iter_mut().enumerate() {
-            let mut acc = b[j].get();
-            for (kk, &xv) in xr.iter().enumerate() {
-                acc += xv.get() * w[kk * n + j].get();
+    // Inputs outer, outputs inner (rows of w are contiguous): each output still adds its terms
+    // in the order 0..k in f64, as an inner product per output would.
+    out.par_chunks_mut(n).enumerate().for_each_init(
+        || vec![0f64; n],
+        |acc, (r, o)| {
+            let xr = &x[r * k..(r + 1) * k];
+            for (a, bj) in acc.iter_mut().zip(b) {
+                *a = bj.get();
             }
-            *oj = E::put(acc);
-        }
-    });
+            for (kk, &xv) in xr.iter().enumerate() {
+                let xv = xv.get();
+                for (a, wv) in acc.iter_mut().zip(&w[kk * n..(kk + 1) * n]) {
+                    *a += xv * wv.get();
+                }
+            }
+            for (oj, a) in o.iter_mut().zip(acc.iter()) {
+                *oj = E::put(*a);
+            }
+        },
+    );
     out
 }
 
