@@ -30,7 +30,8 @@ pub struct FileFeed {
     drift: Option<DriftMonitor>,
 }
 
-/// The sink's finished files under `dir` (none when it does not exist yet), in run order.
+/// The sink's finished files under `dir` (none when it does not exist yet), in run order;
+/// `_`-prefixed and hidden folders (a `glowwatch score` output's `_dead_letter`) are skipped.
 fn finished_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![];
     let mut stack = vec![dir.to_path_buf()];
@@ -39,10 +40,13 @@ fn finished_files(dir: &Path) -> Vec<PathBuf> {
             continue;
         };
         for e in entries.flatten() {
-            let p = e.path();
+            let (p, name) = (e.path(), e.file_name().to_string_lossy().into_owned());
             if p.is_dir() {
-                stack.push(p);
-            } else if is_own_file(&e.file_name().to_string_lossy()) {
+                // As the pipeline's own listing: `_dead_letter` and hidden folders are not data.
+                if !name.starts_with(['_', '.']) {
+                    stack.push(p);
+                }
+            } else if is_own_file(&name) {
                 out.push(p);
             }
         }
@@ -213,5 +217,45 @@ impl FileFeed {
             board.drift(m.status(), &events, at);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the sink's finished files, in run order across partition folders; temporary files,
+    /// foreign files, `_dead_letter` and hidden folders are left out.
+    #[test]
+    fn finished_files_are_the_sinks_own_in_run_order() {
+        let d = tempfile::tempdir().unwrap();
+        let touch = |p: &str| {
+            let p = d.path().join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"").unwrap();
+        };
+        for p in [
+            "date=2/part-20261130T090000-1-00001.parquet",
+            "date=1/part-20261130T080000-1-00002.parquet",
+            "date=1/part-20261130T080000-1-00001.parquet",
+            "date=1/.part-20261130T100000-1-00001.parquet.tmp",
+            "_dead_letter/part-20261130T080000-1-00001.parquet",
+            ".hidden/part-20261130T070000-1-00001.parquet",
+            "notes.parquet",
+        ] {
+            touch(p);
+        }
+        let got: Vec<String> = finished_files(d.path())
+            .iter()
+            .map(|p| p.strip_prefix(d.path()).unwrap().display().to_string())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "date=1/part-20261130T080000-1-00001.parquet",
+                "date=1/part-20261130T080000-1-00002.parquet",
+                "date=2/part-20261130T090000-1-00001.parquet",
+            ]
+        );
     }
 }
