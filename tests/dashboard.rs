@@ -150,11 +150,16 @@ async fn wait_until(c: &Client, script: &str, limit: Duration, what: &str) {
     }
 }
 
-fn repo(p: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(p)
-        .display()
-        .to_string()
+/// Loads the page at `url` and waits for its first refresh (state, charts) to finish.
+async fn open(c: &Client, url: &str) {
+    c.goto(url).await.unwrap();
+    wait_until(
+        c,
+        "return Number(document.body.dataset.refreshes || 0) >= 1",
+        Duration::from_secs(30),
+        "first refresh",
+    )
+    .await;
 }
 
 /// A pipeline on the demo's models and calibration over `input`, writing under `out`.
@@ -169,14 +174,7 @@ name = "{name}"
 kind = "parquet"
 paths = ["{input}"]
 batch_rows = 64
-[models]
-in = "{model}"
-general = "{general}"
-device = "cpu"
-batch = 64
-[flag]
-score = "combined"
-calibration = "{cal}"
+{detector}
 [sinks.scored]
 path = "{out}/scored"
 partition = "none"
@@ -186,9 +184,7 @@ partition = "none"
 {extra}
 "#,
             input = input.display(),
-            model = repo("models/fashion-mnist-outlier.safetensors"),
-            general = repo("models/general-mix.safetensors"),
-            cal = repo("models/fashion-mnist-outlier.calibration.json"),
+            detector = common::demo_detector(),
             out = out.display(),
         ),
     )
@@ -199,8 +195,8 @@ partition = "none"
 /// The demo sample's rows `from..to` (the first 300 are Fashion-MNIST, the rest MNIST).
 fn sample_rows(from: usize, to: usize) -> RecordBatch {
     let b = arrow::compute::concat_batches(
-        &common::parquet_batches(Path::new(&repo("pipelines/demo/sample.parquet")))[0].schema(),
-        &common::parquet_batches(Path::new(&repo("pipelines/demo/sample.parquet"))),
+        &common::parquet_batches(&common::repo("pipelines/demo/sample.parquet"))[0].schema(),
+        &common::parquet_batches(&common::repo("pipelines/demo/sample.parquet")),
     )
     .unwrap();
     b.slice(from, to - from)
@@ -260,9 +256,7 @@ async fn dashboard_shows_a_run_with_thumbnails_and_raises_a_drift_alarm_when_the
         .to_string();
 
     let (c, _driver) = browser().await;
-    c.goto(&url).await.unwrap();
-    let refreshed = "return Number(document.body.dataset.refreshes || 0) >= 1";
-    wait_until(&c, refreshed, Duration::from_secs(30), "first refresh").await;
+    open(&c, &url).await;
     // The run's numbers.
     assert_eq!(text(&c, "scored").await, "300");
     assert_eq!(text(&c, "records").await, "300");
@@ -420,14 +414,7 @@ async fn a_running_pipeline_serves_the_live_page_and_metrics_on_its_listener() {
         .expect("the dashboard's address in the log");
 
     let (c, _driver) = browser().await;
-    c.goto(&format!("{url}/")).await.unwrap();
-    wait_until(
-        &c,
-        "return Number(document.body.dataset.refreshes || 0) >= 1",
-        Duration::from_secs(30),
-        "first refresh",
-    )
-    .await;
+    open(&c, &format!("{url}/")).await;
     let header = js(&c, "return document.querySelector('header').textContent").await;
     assert!(
         header.as_str().unwrap().contains("live pipeline"),

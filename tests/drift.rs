@@ -25,20 +25,17 @@ fn rows(name: &str, skip: usize, n: usize, dir: &Path) -> Vec<(String, Vec<u8>)>
         .collect()
 }
 
-fn repo(p: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(p)
-        .display()
-        .to_string()
-}
-
 #[test]
 fn an_inlier_feed_raises_no_alarm_and_a_switch_to_30_percent_digits_raises_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (model, general) = (
-        repo("models/fashion-mnist-outlier.safetensors"),
-        repo("models/general-mix.safetensors"),
+        common::repo("models/fashion-mnist-outlier.safetensors")
+            .display()
+            .to_string(),
+        common::repo("models/general-mix.safetensors")
+            .display()
+            .to_string(),
     );
     // Calibration with quantiles: 600 held-out Fashion-MNIST training rows.
     let train = common::subset(

@@ -6,7 +6,8 @@
 //! minimal input and saved under `proptest-regressions/` (commit it: it is then replayed
 //! first on every run), and becomes a named regression test.
 
-use std::path::Path;
+mod common;
+
 use std::sync::OnceLock;
 
 use candle_core::Device;
@@ -20,10 +21,6 @@ fn cases() -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000)
-}
-
-fn repo(p: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
 /// Valid images of every format and layout the decoder meets (built once per run).
@@ -67,7 +64,7 @@ fn build_image_seeds() -> Vec<Vec<u8>> {
         seeds.push(out.into_inner());
     }
     for f in ["arithmetic.jpg", "arithmetic-progressive.jpg"] {
-        seeds.push(std::fs::read(repo("tests/data/jpeg").join(f)).unwrap());
+        seeds.push(std::fs::read(common::repo("tests/data/jpeg").join(f)).unwrap());
     }
     seeds
 }
@@ -171,7 +168,7 @@ proptest! {
 fn torch_seeds() -> &'static [Vec<u8>; 2] {
     static SEEDS: OnceLock<[Vec<u8>; 2]> = OnceLock::new();
     SEEDS.get_or_init(|| {
-        let dir = repo("../shared/fixtures/torch-glow/grey-k2-w16");
+        let dir = common::repo("../shared/fixtures/torch-glow/grey-k2-w16");
         [
             std::fs::read(dir.join("model.th")).unwrap(),
             std::fs::read(dir.join("state_dict.pt")).unwrap(),

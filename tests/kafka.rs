@@ -1007,12 +1007,6 @@ fn drift_alarms_reach_the_alarm_topic_and_the_live_board_counts_the_stream() {
     rows.extend(images("mnist.parquet", 300));
     broker.produce("images", &png_messages(&rows));
     let port = free_port();
-    let repo = |p: &str| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(p)
-            .display()
-            .to_string()
-    };
     let text = format!(
         r#"
 name = "drifting"
@@ -1026,14 +1020,7 @@ max_batch_rows = 64
 max_wait_ms = 50
 [source.kafka.options]
 "statistics.interval.ms" = "500"
-[models]
-in = "{model}"
-general = "{general}"
-device = "cpu"
-batch = 64
-[flag]
-score = "combined"
-calibration = "{cal}"
+{detector}
 [sinks.kafka]
 scored_topic = "scored"
 alarm_topic = "alarms"
@@ -1044,9 +1031,7 @@ partition = "none"
 listen = "127.0.0.1:{port}"
 "#,
         brokers = broker.addr,
-        model = repo("models/fashion-mnist-outlier.safetensors"),
-        general = repo("models/general-mix.safetensors"),
-        cal = repo("models/fashion-mnist-outlier.calibration.json"),
+        detector = common::demo_detector(),
     );
     let cfg = PipelineConfig::parse(&text, dir.path()).unwrap();
     let mut alarms = TopicReader::new(&broker, "alarms");

@@ -19,10 +19,6 @@ use glowwatch::pipeline::run::run_pipeline;
 use glowwatch::pipeline::schema::{JsonSchema, dead_letter_schema, input_schema, scored_schema};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
 fn bless() -> bool {
     std::env::var("GLOWWATCH_BLESS").is_ok_and(|v| v == "1")
 }
@@ -84,7 +80,7 @@ fn schema_files_match_the_code() {
         ),
     ];
     for (file, want) in cases {
-        let path = repo("schemas").join(file);
+        let path = common::repo("schemas").join(file);
         if bless() {
             std::fs::write(&path, serde_json::to_string_pretty(&want).unwrap() + "\n").unwrap();
         }
@@ -98,7 +94,7 @@ fn schema_files_match_the_code() {
 /// the first 300 MNIST digits (out of distribution), with an `is_ood` truth column.
 #[test]
 fn demo_sample_is_the_documented_subset() {
-    let path = repo("pipelines/demo/sample.parquet");
+    let path = common::repo("pipelines/demo/sample.parquet");
     let take = |file: &str| -> RecordBatch {
         let f = std::fs::File::open(common::shared(file)).unwrap();
         let mut r = ParquetRecordBatchReaderBuilder::try_new(f)
@@ -292,9 +288,10 @@ fn every_row_once_schemas_sums_and_dead_letters() {
         })
         .collect();
     let schema = scored[0].schema();
-    let file: JsonSchema =
-        serde_json::from_str(&std::fs::read_to_string(repo("schemas/scored.json")).unwrap())
-            .unwrap();
+    let file: JsonSchema = serde_json::from_str(
+        &std::fs::read_to_string(common::repo("schemas/scored.json")).unwrap(),
+    )
+    .unwrap();
     let got = JsonSchema::from_arrow(&file.description, &schema);
     let names = |s: &JsonSchema| {
         s.fields
@@ -330,9 +327,10 @@ fn every_row_once_schemas_sums_and_dead_letters() {
     }
     let dead = common::read_parquet(&parquet_files(&out.join("dead")));
     let dead_schema = JsonSchema::from_arrow("", &dead[0].schema());
-    let dead_file: JsonSchema =
-        serde_json::from_str(&std::fs::read_to_string(repo("schemas/dead_letter.json")).unwrap())
-            .unwrap();
+    let dead_file: JsonSchema = serde_json::from_str(
+        &std::fs::read_to_string(common::repo("schemas/dead_letter.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(names(&dead_schema), names(&dead_file));
     let d = arrow::compute::concat_batches(&dead[0].schema(), &dead).unwrap();
     let col = |n: &str| d.column_by_name(n).unwrap().as_string::<i32>().clone();
@@ -670,7 +668,7 @@ fn output_reads_the_same_in_pyarrow_and_duckdb() {
     assert_eq!((s.scored, s.dead_lettered), (400, 2));
 
     let py = std::process::Command::new("python3")
-        .arg(repo("tests/interop/read_outputs.py"))
+        .arg(common::repo("tests/interop/read_outputs.py"))
         .arg(out.join("scored"))
         .arg(out.join("dead"))
         .output()
@@ -743,7 +741,7 @@ fn shipped_pipeline_configs_fit_the_shipped_models() {
     use glowwatch::score::calibration::Calibration;
     let dev = candle_core::Device::Cpu;
     let mut checked = Vec::new();
-    for e in std::fs::read_dir(repo("pipelines")).unwrap() {
+    for e in std::fs::read_dir(common::repo("pipelines")).unwrap() {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         // retrain-*.toml are retraining jobs, not pipelines (tests/registry.rs runs one).

@@ -172,13 +172,6 @@ fn import_recognises_images_by_content_and_names_every_skipped_file() {
     assert!(stderr.contains("skipped cut.jpg: truncated"), "{stderr}");
 }
 
-fn repo(p: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(p)
-        .display()
-        .to_string()
-}
-
 /// Scored rows in a run's output folder (not its `_dead_letter`).
 fn scored_rows(dir: &Path) -> usize {
     common::parquet_batches(dir)
@@ -329,7 +322,9 @@ fn arithmetic_coded_jpeg_is_unsupported_not_corrupt() {
 /// `glowwatch score` of `input` into `out` with the shipped Fashion-MNIST model (nll, a fixed
 /// threshold) and `extra` arguments: (success, stdout and stderr).
 fn score_dir(input: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
-    let model = repo("models/fashion-mnist.safetensors");
+    let model = common::repo("models/fashion-mnist.safetensors")
+        .display()
+        .to_string();
     let mut args = vec![
         "score",
         "--device",

@@ -203,7 +203,9 @@ path = "dead"
 
     // Rollback points current back atomically.
     assert_eq!(registry.rollback(None).unwrap().name, "v0001");
-    let (s3, _) = glowwatch::pipeline::models::load_scorer(&cfg).unwrap();
+    let s3 = glowwatch::pipeline::models::load_scorer(&cfg)
+        .unwrap()
+        .scorer;
     assert_eq!(s3.version(), Some("v0001"));
 
     // Starting again from the general model instead of the current version.

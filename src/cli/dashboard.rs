@@ -13,7 +13,7 @@ use clap::Args;
 use crate::pipeline::config::PipelineConfig;
 use crate::pipeline::dashboard::files::FileFeed;
 use crate::pipeline::dashboard::{Board, BoardConfig, BoardModels, server};
-use crate::pipeline::models::{drift_monitor, load_scorer, pipeline_calibration};
+use crate::pipeline::models::{LoadedModels, drift_monitor, load_scorer};
 
 /// Arguments of `glowwatch dashboard`.
 #[derive(Debug, Args)]
@@ -35,15 +35,18 @@ pub fn run(a: DashboardArgs) -> Result<()> {
     let cfg = PipelineConfig::load(&a.pipeline)?;
     let what = || format!("pipeline {}", a.pipeline.display());
     super::run::init_logging();
-    let (scorer, flagger) = load_scorer(&cfg).with_context(what)?;
-    let cal = pipeline_calibration(&cfg, &scorer).with_context(what)?;
+    let LoadedModels {
+        scorer,
+        flagger,
+        calibration: cal,
+    } = load_scorer(&cfg).with_context(what)?;
     let board = Arc::new(Board::new(
         &cfg.name,
         BoardModels::new(&scorer, &flagger, cal.as_ref()),
         false,
         BoardConfig::default(),
     ));
-    let drift = drift_monitor(&cfg, &scorer, &flagger).with_context(what)?;
+    let drift = drift_monitor(&cfg, &scorer, &flagger, cal.as_ref()).with_context(what)?;
     let mut feed = FileFeed::new(&cfg, &scorer, drift);
     let files = feed.poll(&board).with_context(what)?;
     let listen = a

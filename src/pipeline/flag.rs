@@ -48,9 +48,16 @@ pub struct Flagger {
 }
 
 impl Flagger {
-    /// From a pipeline's flag section: a fixed threshold, or the calibration file's threshold
-    /// for the score (which must belong to the models being used).
-    pub fn from_config(c: &FlagConfig, scorer: &ModelScorer) -> Result<Self> {
+    /// From a pipeline's flag section: a fixed threshold, or the threshold for the score in
+    /// `cal`, the contents of its calibration file (which must belong to the models being used).
+    ///
+    /// Errors: a calibrated threshold without `cal`, a calibration of other models, a score it
+    /// has no threshold for, a score needing a general model or reference the scorer lacks.
+    pub fn from_config(
+        c: &FlagConfig,
+        cal: Option<&Calibration>,
+        scorer: &ModelScorer,
+    ) -> Result<Self> {
         if c.score.needs_general() && scorer.general_model_id().is_none() {
             return Err(PipelineError::Config(format!(
                 "flag.score = \"{}\" needs a general model",
@@ -67,7 +74,9 @@ impl Flagger {
             .calibration
             .as_ref()
             .expect("validated: calibration or threshold");
-        let cal = Calibration::load(path).map_err(PipelineError::Config)?;
+        let cal = cal.ok_or_else(|| {
+            PipelineError::Config(format!("calibration {} was not loaded", path.display()))
+        })?;
         if c.score.needs_reference() && !scorer.has_reference() {
             return Err(PipelineError::Config(format!(
                 "flag.score = \"{}\" needs a complexity reference and calibration {} has none; run `glowwatch calibrate --score {}`",

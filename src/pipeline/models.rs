@@ -62,9 +62,21 @@ fn resolved_flag(cfg: &PipelineConfig, registry_cal: Option<std::path::PathBuf>)
     }
 }
 
+/// A pipeline's models, its flag stage, and the calibration the threshold came from.
+pub struct LoadedModels {
+    /// Both models on the pipeline's device.
+    pub scorer: ModelScorer,
+    /// The flagged score and its threshold.
+    pub flagger: Flagger,
+    /// The calibration file's contents (its own or its registry version's) when it belongs to
+    /// the scorer's models; `None` with a fixed threshold. Drift alarms and the dashboard read
+    /// their references from it.
+    pub calibration: Option<Calibration>,
+}
+
 /// Loads a pipeline's models on its device, and its flag threshold (from the registry
-/// version's calibration when the pipeline names no other).
-pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
+/// version's calibration when the pipeline names no other); the calibration file is read once.
+pub fn load_scorer(cfg: &PipelineConfig) -> Result<LoadedModels> {
     let (model, version, calibration) = in_model(cfg)?;
     let device: DeviceSpec = cfg
         .models
@@ -81,48 +93,36 @@ pub fn load_scorer(cfg: &PipelineConfig) -> Result<(ModelScorer, Flagger)> {
     scorer.set_version(version);
     let flag = resolved_flag(cfg, calibration);
     scorer.set_compressors(flag.score.compressor().as_slice());
-    if let Some(path) = &flag.calibration {
-        let cal = Calibration::load(path).map_err(PipelineError::Config)?;
-        // A calibration of other models gets its own error from the flagger below.
-        if cal.belongs_to(scorer.in_model_id(), scorer.general_model_id()) {
-            scorer.set_reference(cal.reference.map(Arc::new))?;
-        }
+    let cal = match (&flag.threshold, &flag.calibration) {
+        (None, Some(path)) => Some(Calibration::load(path).map_err(PipelineError::Config)?),
+        _ => None,
+    };
+    // A calibration of other models gets its own error from the flagger below.
+    let belongs =
+        |c: &Calibration, s: &ModelScorer| c.belongs_to(s.in_model_id(), s.general_model_id());
+    if let Some(c) = cal.as_ref().filter(|c| belongs(c, &scorer)) {
+        scorer.set_reference(c.reference.clone().map(Arc::new))?;
     }
-    let flagger = Flagger::from_config(&flag, &scorer)?;
-    Ok((scorer, flagger))
-}
-
-/// The calibration a pipeline scoring with `scorer` flags by (its own file or its registry
-/// version's), when it has one that belongs to the scorer's models; `None` with a fixed
-/// threshold.
-pub fn pipeline_calibration(
-    cfg: &PipelineConfig,
-    scorer: &ModelScorer,
-) -> Result<Option<Calibration>> {
-    let flag = resolved_flag(cfg, in_model(cfg)?.2);
-    if flag.threshold.is_some() {
-        return Ok(None);
-    }
-    Ok(flag
-        .calibration
-        .map(|p| Calibration::load(&p))
-        .transpose()
-        .map_err(PipelineError::Config)?
-        .filter(|c| c.belongs_to(scorer.in_model_id(), scorer.general_model_id())))
+    let flagger = Flagger::from_config(&flag, cal.as_ref(), &scorer)?;
+    Ok(LoadedModels {
+        calibration: cal.filter(|c| belongs(c, &scorer)),
+        scorer,
+        flagger,
+    })
 }
 
 /// The drift alarms of a pipeline scoring with `scorer` and `flagger`: referenced by the same
-/// calibration the threshold comes from; `None` without one (a fixed threshold), when it has
-/// no quantiles, or with `[drift] enabled = false`.
+/// calibration `cal` the threshold comes from ([`LoadedModels::calibration`]); `None` without
+/// one (a fixed threshold), when it has no quantiles, or with `[drift] enabled = false`.
 pub fn drift_monitor(
     cfg: &PipelineConfig,
     scorer: &ModelScorer,
     flagger: &Flagger,
+    cal: Option<&Calibration>,
 ) -> Result<Option<super::drift::DriftMonitor>> {
-    let cal = pipeline_calibration(cfg, scorer)?;
     super::drift::DriftMonitor::new(
         &cfg.drift,
-        cal.as_ref(),
+        cal,
         flagger.score,
         scorer.scales(),
         scorer.general_model_id().is_some(),
@@ -153,11 +153,7 @@ impl ModelWatcher {
     /// returns it. A version that cannot be loaded, or takes different input or a different
     /// number of scales than `scorer`, is refused with a warning and the pipeline keeps
     /// scoring with the model it has.
-    pub fn poll(
-        &mut self,
-        cfg: &PipelineConfig,
-        scorer: &ModelScorer,
-    ) -> Option<(ModelScorer, Flagger)> {
+    pub fn poll(&mut self, cfg: &PipelineConfig, scorer: &ModelScorer) -> Option<LoadedModels> {
         let now = match self.registry.current() {
             Ok(v) => v.map(|v| v.name),
             Err(e) => {
@@ -170,8 +166,8 @@ impl ModelWatcher {
         }
         let from = self.current.replace(now.clone().unwrap_or_default());
         match load_scorer(cfg) {
-            Ok((s, f)) => {
-                let (a, b) = (s.config(), scorer.config());
+            Ok(m) => {
+                let (a, b) = (m.scorer.config(), scorer.config());
                 if (a.in_channels, a.image_size, &a.preprocess, a.scales)
                     != (b.in_channels, b.image_size, &b.preprocess, b.scales)
                 {
@@ -181,8 +177,8 @@ impl ModelWatcher {
                     );
                     return None;
                 }
-                info!(from = ?from, to = ?s.version(), model_id = s.in_model_id(), threshold = f.threshold, "switched model version");
-                Some((s, f))
+                info!(from = ?from, to = ?m.scorer.version(), model_id = m.scorer.in_model_id(), threshold = m.flagger.threshold, "switched model version");
+                Some(m)
             }
             Err(e) => {
                 warn!(version = ?now, "model registry: cannot load the new version ({e}); keeping {from:?}");

@@ -27,7 +27,7 @@ use metrics::counter;
 
 use super::dashboard::{self, BoardModels};
 use super::metrics as m;
-use super::models::{ModelWatcher, drift_monitor, load_scorer, pipeline_calibration};
+use super::models::{LoadedModels, ModelWatcher, drift_monitor, load_scorer};
 use super::schema::{dead_letter_schema, scored_schema};
 use super::score::scored_batch;
 use super::sink::{ParquetSink, WrittenFile};
@@ -124,10 +124,14 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
             "run_pipeline reads Parquet sources; Kafka sources run with pipeline::stream".into(),
         ));
     }
-    let (mut scorer, mut flagger) = load_scorer(cfg)?;
-    let mut drift = drift_monitor(cfg, &scorer, &flagger)?;
+    let LoadedModels {
+        mut scorer,
+        mut flagger,
+        calibration,
+    } = load_scorer(cfg)?;
+    let mut drift = drift_monitor(cfg, &scorer, &flagger, calibration.as_ref())?;
     let mut watcher = ModelWatcher::new(cfg, scorer.version())?;
-    let served = dashboard::serve_pipeline(cfg, &scorer, &flagger)?;
+    let served = dashboard::serve_pipeline(cfg, &scorer, &flagger, calibration.as_ref())?;
     let board = served.as_ref().map(|(b, _)| Arc::clone(b));
 
     // Check the input before any work.
@@ -244,18 +248,16 @@ pub fn run_pipeline(cfg: &PipelineConfig) -> Result<RunSummary> {
         let score_result = (|| -> Result<()> {
             for d in dec_rx {
                 if let Some(w) = &mut watcher
-                    && let Some((s, f)) = w.poll(cfg, &scorer)
+                    && let Some(m) = w.poll(cfg, &scorer)
                 {
-                    scorer = s;
-                    flagger = f;
+                    (scorer, flagger) = (m.scorer, m.flagger);
                     // A new version comes with its own calibration: fresh detectors.
                     if let Some(d) = drift.take() {
                         merge_alarms(&mut sum.drift_alarms, &mut sum.drift_first_alarm, d);
                     }
-                    drift = drift_monitor(cfg, &scorer, &flagger)?;
+                    drift = drift_monitor(cfg, &scorer, &flagger, m.calibration.as_ref())?;
                     if let Some(b) = &board {
-                        let cal = pipeline_calibration(cfg, &scorer)?;
-                        b.set_models(BoardModels::new(&scorer, &flagger, cal.as_ref()));
+                        b.set_models(BoardModels::new(&scorer, &flagger, m.calibration.as_ref()));
                     }
                 }
                 let at = SystemTime::now();

@@ -54,7 +54,7 @@ use super::drift::DriftEvent;
 use super::error_log::{ErrorLog, log_librdkafka};
 use super::flag::Status;
 use super::metrics::{self as m, QueueDepth};
-use super::models::{ModelWatcher, drift_monitor, load_scorer, pipeline_calibration};
+use super::models::{LoadedModels, ModelWatcher, drift_monitor, load_scorer};
 use super::offsets::{BatchSeq, OffsetTracker, PartitionRange, TopicPartition};
 use super::run::merge_alarms;
 use super::run::{join, run_id, send};
@@ -342,9 +342,13 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
             ));
         }
     };
-    let (mut scorer, mut flagger) = load_scorer(cfg)?;
+    let LoadedModels {
+        mut scorer,
+        mut flagger,
+        calibration,
+    } = load_scorer(cfg)?;
     let mut watcher = ModelWatcher::new(cfg, scorer.version())?;
-    let served = dashboard::serve_pipeline(cfg, &scorer, &flagger)?;
+    let served = dashboard::serve_pipeline(cfg, &scorer, &flagger, calibration.as_ref())?;
     let board = served.as_ref().map(|(b, _)| Arc::clone(b));
     let out_schema = scored_schema(&kafka_input_schema(), scorer.scales());
     let run = run_id();
@@ -710,22 +714,20 @@ pub fn run_stream(cfg: &PipelineConfig, stop: &AtomicBool) -> Result<StreamSumma
 
         // Score + flag on this thread.
         let score_name = flagger.score.to_string();
-        let mut drift = drift_monitor(cfg, &scorer, &flagger)?;
+        let mut drift = drift_monitor(cfg, &scorer, &flagger, calibration.as_ref())?;
         let score_result = (|| -> Result<()> {
             for d in dec_rx {
                 SCORE_Q.pop();
                 if let Some(w) = &mut watcher
-                    && let Some((s, f)) = w.poll(cfg, &scorer)
+                    && let Some(m) = w.poll(cfg, &scorer)
                 {
-                    scorer = s;
-                    flagger = f;
+                    (scorer, flagger) = (m.scorer, m.flagger);
                     if let Some(m) = drift.take() {
                         merge_alarms(&mut summary.drift_alarms, &mut summary.drift_first_alarm, m);
                     }
-                    drift = drift_monitor(cfg, &scorer, &flagger)?;
+                    drift = drift_monitor(cfg, &scorer, &flagger, m.calibration.as_ref())?;
                     if let Some(b) = &board {
-                        let cal = pipeline_calibration(cfg, &scorer)?;
-                        b.set_models(BoardModels::new(&scorer, &flagger, cal.as_ref()));
+                        b.set_models(BoardModels::new(&scorer, &flagger, m.calibration.as_ref()));
                     }
                 }
                 let at = SystemTime::now();

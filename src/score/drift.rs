@@ -137,13 +137,10 @@ impl CvmDetector {
                 v
             })
             .collect();
-        let alpha = sorted
-            .iter()
-            .map(|r| Self::level(r.len(), cfg))
-            .collect::<Result<Vec<f64>, String>>()?
-            .first()
-            .copied()
-            .unwrap_or(0.5);
+        let mut alpha = 0.0;
+        for r in &sorted {
+            alpha = Self::level(r.len(), cfg)?;
+        }
         // Tie-free references of one length share thresholds; others get their own.
         let key = |r: &Vec<f64>| r.windows(2).all(|p| p[0] < p[1]).then_some(r.len());
         let keys: Vec<Option<usize>> = sorted.iter().map(key).collect();

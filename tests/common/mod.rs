@@ -26,6 +26,32 @@ pub fn shared(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A path in this repository.
+pub fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+/// The `[models]` and `[flag]` sections of a pipeline with the demo's detector: the shipped
+/// outlier model and general model on the CPU (batch 64), flagging by `combined` at the shipped
+/// calibration's threshold (whose quantiles turn the drift alarms on).
+pub fn demo_detector() -> String {
+    format!(
+        r#"
+[models]
+in = "{}"
+general = "{}"
+device = "cpu"
+batch = 64
+[flag]
+score = "combined"
+calibration = "{}"
+"#,
+        repo("models/fashion-mnist-outlier.safetensors").display(),
+        repo("models/general-mix.safetensors").display(),
+        repo("models/fashion-mnist-outlier.calibration.json").display(),
+    )
+}
+
 /// Writes the first `rows` rows of `src` to `dst` in row groups of `group` rows.
 pub fn subset(src: &Path, rows: usize, group: usize, dst: &Path) -> PathBuf {
     let f = std::fs::File::open(src).unwrap();

@@ -298,11 +298,6 @@ impl Board {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The board's configuration.
-    pub fn config(&self) -> &BoardConfig {
-        &self.cfg
-    }
-
     /// The pipeline's name.
     pub fn pipeline(&self) -> &str {
         &self.pipeline

@@ -23,8 +23,6 @@ use crate::pipeline::{PipelineError, Result};
 /// Reads a pipeline's output into a board.
 pub struct FileFeed {
     cfg: PipelineConfig,
-    scales: usize,
-    dims: usize,
     model: crate::glow::config::GlowConfig,
     seen: HashSet<PathBuf>,
     drift: Option<DriftMonitor>,
@@ -65,8 +63,6 @@ impl FileFeed {
     pub fn new(cfg: &PipelineConfig, scorer: &ModelScorer, drift: Option<DriftMonitor>) -> Self {
         Self {
             cfg: cfg.clone(),
-            scales: scorer.scales(),
-            dims: scorer.config().dims(),
             model: scorer.config().clone(),
             seen: HashSet::new(),
             drift,
@@ -152,7 +148,7 @@ impl FileFeed {
         rg: usize,
         board: &Board,
     ) -> Result<()> {
-        let scores = scores_from_scored(b, self.scales, self.dims)?;
+        let scores = scores_from_scored(b, self.model.scales, self.model.dims())?;
         let (Some(score), Some(is_ood)) = (b.column_by_name("score"), b.column_by_name("is_ood"))
         else {
             return Err(PipelineError::Schema(format!(

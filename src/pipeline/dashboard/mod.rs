@@ -20,25 +20,26 @@ pub use board::{Board, BoardConfig, BoardModels, ScoredRows, Snapshot};
 use super::Result;
 use super::config::PipelineConfig;
 use super::flag::Flagger;
-use super::models::pipeline_calibration;
 use super::score::ModelScorer;
+use crate::score::calibration::Calibration;
 
-/// The board of a running pipeline, served with `/metrics` on `[metrics] listen` while the
-/// returned server lives; `None` without a listener.
+/// The board of a running pipeline scoring with `scorer`, `flagger` and the calibration `cal`
+/// they came with, served with `/metrics` on `[metrics] listen` while the returned server
+/// lives; `None` without a listener.
 ///
-/// Errors: the calibration cannot be read, the address cannot be bound.
+/// Errors: the address cannot be bound, another metrics recorder is installed.
 pub fn serve_pipeline(
     cfg: &PipelineConfig,
     scorer: &ModelScorer,
     flagger: &Flagger,
+    cal: Option<&Calibration>,
 ) -> Result<Option<(Arc<Board>, server::Server)>> {
     let Some(listen) = cfg.metrics.listen else {
         return Ok(None);
     };
-    let cal = pipeline_calibration(cfg, scorer)?;
     let board = Arc::new(Board::new(
         &cfg.name,
-        BoardModels::new(scorer, flagger, cal.as_ref()),
+        BoardModels::new(scorer, flagger, cal),
         true,
         BoardConfig::default(),
     ));
