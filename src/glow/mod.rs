@@ -14,6 +14,7 @@ pub mod coupling;
 pub mod exit;
 pub mod file;
 pub mod flow;
+pub mod fused_train;
 pub mod init;
 pub mod invconv;
 pub mod kernels;

@@ -1,0 +1,332 @@
+//! One chunk of the batch through the flow, forward with a tape and backward from it, on one
+//! thread. The forward computes exactly the operations of [`crate::glow::Glow::scale_log_p`]
+//! (same layer definitions, channels-last, f32 activations, per-sample sums in f64); the
+//! backward is their hand-written adjoint (the chain rule of each layer, written out in the
+//! comments), so one step costs 3 matmuls forward and 6 backward per convolution plus a few
+//! passes over the activations, with every buffer reused from step to step.
+
+use super::ops::{Grid, View, matmul};
+use super::params::{ExitParams, Params, StepParams};
+use crate::glow::HALF_LN_2PI;
+
+/// What the backward pass of one flow step needs from its forward pass.
+#[derive(Debug, Default)]
+pub(super) struct StepTape {
+    /// Output of the 1x1 conv, (rows, C).
+    h1: Vec<f32>,
+    /// 3x3 patches of x_a = h1[:, :C/2], (rows, 9 C/2).
+    pat: Vec<f32>,
+    /// First coupling conv before its ActNorm, (rows, hidden).
+    a1: Vec<f32>,
+    /// Second coupling conv before its ActNorm, (rows, hidden).
+    a2: Vec<f32>,
+    /// Last coupling conv's tap sum before bias and scale, (rows, C).
+    net: Vec<f32>,
+}
+
+/// Buffers reused by every step of a chunk (contents never carried between uses).
+#[derive(Debug, Default)]
+struct Scratch {
+    t: Vec<f32>,
+    r1: Vec<f32>,
+    r2: Vec<f32>,
+    wide: Vec<f32>,
+    d1: Vec<f32>,
+    d2: Vec<f32>,
+    dh1: Vec<f32>,
+    dout: Vec<f32>,
+    dx: Vec<f32>,
+    drest: Vec<f32>,
+}
+
+/// A chunk's tape: per scale the K + 1 activations between steps (`xs[0]` is the squeezed
+/// input, `xs[j + 1]` step j's output) and the step tapes.
+#[derive(Debug, Default)]
+pub(super) struct ChunkTape {
+    n: usize,
+    xs: Vec<Vec<Vec<f32>>>,
+    steps: Vec<Vec<StepTape>>,
+    scratch: Scratch,
+}
+
+/// Resizes `v` to `len` values and returns them (old contents are not cleared: callers
+/// overwrite every value or clear what they accumulate into).
+fn buf(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    v.resize(len, 0.0);
+    &mut v[..len]
+}
+
+/// log(sigmoid(u)) = min(u, 0) - log(1 + exp(-|u|)) in f32, as [`crate::glow::log_sigmoid`].
+fn log_sigmoid(u: f32) -> f32 {
+    u.min(0.0) - ((-u.abs()).exp() + 1.0).ln()
+}
+
+/// The shift, log-scale and scale of coupling output pair i of a row of `net`.
+#[inline]
+fn affine_terms(p: &StepParams, net: &[f32], i: usize) -> (f32, f32, f32) {
+    let shift = (net[2 * i] + p.b3[2 * i]) * p.s3[2 * i];
+    let raw = (net[2 * i + 1] + p.b3[2 * i + 1]) * p.s3[2 * i + 1];
+    let ls = log_sigmoid(raw + 2.0);
+    (shift, ls, ls.exp())
+}
+
+/// r = relu((a + loc) * s) per column of (rows, cols) matrices.
+fn norm_relu(a: &[f32], loc: &[f32], s: &[f32], r: &mut [f32]) {
+    let cols = loc.len();
+    for (ar, rr) in a.chunks_exact(cols).zip(r.chunks_exact_mut(cols)) {
+        for j in 0..cols {
+            rr[j] = ((ar[j] + loc[j]) * s[j]).max(0.0);
+        }
+    }
+}
+
+/// Backward of `r = relu((a + loc) * s)` in place: `d` holds dL/dr and becomes dL/da;
+/// dL/dloc and dL/ds are added to `gloc`, `gs`.
+fn norm_relu_backward(a: &[f32], r: &[f32], loc: &[f32], s: &[f32], d: &mut [f32], gloc: &mut [f32], gs: &mut [f32]) {
+    let cols = loc.len();
+    for ((ar, rr), dr) in a.chunks_exact(cols).zip(r.chunks_exact(cols)).zip(d.chunks_exact_mut(cols)) {
+        for j in 0..cols {
+            let dz = if rr[j] > 0.0 { dr[j] } else { 0.0 };
+            gs[j] += dz * (ar[j] + loc[j]);
+            gloc[j] += dz * s[j];
+            dr[j] = dz * s[j];
+        }
+    }
+}
+
+impl ChunkTape {
+    /// Forward pass of `n` images `x` (n, C, S, S) in NCHW order: adds lp_k of image i to
+    /// `lp[i * L + k]` (without the parameter-only terms: log-determinants of the ActNorms,
+    /// 1x1 convs and exits, which [`super::FusedTrainPath`] adds).
+    pub(super) fn forward(&mut self, p: &Params, x: &[f32], n: usize, lp: &mut [f64]) {
+        let (cin, size, levels) = (p.in_channels, p.image_size, p.scales.len());
+        self.n = n;
+        self.xs.resize_with(levels, Vec::new);
+        self.steps.resize_with(levels, Vec::new);
+        // NCHW -> NHWC.
+        let mut cur = std::mem::take(&mut self.scratch.drest);
+        let plane = size * size;
+        buf(&mut cur, n * cin * plane);
+        for img in 0..n {
+            for ch in 0..cin {
+                for q in 0..plane {
+                    cur[(img * plane + q) * cin + ch] = x[(img * cin + ch) * plane + q];
+                }
+            }
+        }
+        let (mut side, mut c_in) = (size, cin);
+        for (k, sp) in p.scales.iter().enumerate() {
+            let sh = sp.shape;
+            let g = Grid { n, h: sh.size, w: sh.size };
+            let (c, rows) = (sh.channels, g.rows());
+            let xs = &mut self.xs[k];
+            xs.resize_with(sp.steps.len() + 1, Vec::new);
+            Grid { n, h: side, w: side }.squeeze(&cur, c_in, buf(&mut xs[0], rows * c));
+            self.steps[k].resize_with(sp.steps.len(), StepTape::default);
+            for (j, step) in sp.steps.iter().enumerate() {
+                let (before, after) = xs.split_at_mut(j + 1);
+                step_forward(step, g, c, p.hidden, &before[j], &mut after[0], &mut self.steps[k][j], &mut self.scratch, |r, ls| {
+                    lp[(r / (sh.size * sh.size)) * levels + k] += ls as f64;
+                });
+            }
+            let out = &xs[sp.steps.len()];
+            exit_forward(&sp.exit, g, c, sh.exit_channels, out, |img, v| lp[img * levels + k] += v);
+            // The channels that stay flow on to the next scale.
+            let rest = c - sh.exit_channels;
+            let dst = buf(&mut cur, rows * rest);
+            for r in 0..rows {
+                dst[r * rest..(r + 1) * rest].copy_from_slice(&out[r * c + sh.exit_channels..(r + 1) * c]);
+            }
+            (side, c_in) = (sh.size, rest);
+        }
+        self.scratch.drest = cur;
+    }
+
+    /// Backward pass from dL/dlp `dlp` (n, L) for this chunk's images: adds dL/dθ of every
+    /// effective parameter to `g`.
+    pub(super) fn backward(&mut self, p: &Params, dlp: &[f64], g: &mut Params) {
+        let (n, levels) = (self.n, p.scales.len());
+        let sc = &mut self.scratch;
+        let mut have_rest = false;
+        for k in (0..levels).rev() {
+            let (sp, gp) = (&p.scales[k], &mut g.scales[k]);
+            let sh = sp.shape;
+            let grid = Grid { n, h: sh.size, w: sh.size };
+            let (c, ce, rows) = (sh.channels, sh.exit_channels, grid.rows());
+            let dl: Vec<f32> = (0..n).map(|i| dlp[i * levels + k] as f32).collect();
+            let xs = &self.xs[k];
+            let mut dout = std::mem::take(&mut sc.dout);
+            buf(&mut dout, rows * c);
+            exit_backward(&sp.exit, &mut gp.exit, grid, c, ce, &xs[sp.steps.len()], &dl, &mut dout);
+            if ce < c {
+                let rest = c - ce;
+                for r in 0..rows {
+                    let d = &mut dout[r * c + ce..(r + 1) * c];
+                    if have_rest {
+                        d.copy_from_slice(&sc.drest[r * rest..(r + 1) * rest]);
+                    } else {
+                        d.fill(0.0);
+                    }
+                }
+            }
+            let mut dx = std::mem::take(&mut sc.dx);
+            for j in (0..sp.steps.len()).rev() {
+                step_backward(&sp.steps[j], &mut gp.steps[j], grid, c, p.hidden, &xs[j], &xs[j + 1], &self.steps[k][j], &dl, &dout, &mut dx, sc);
+                std::mem::swap(&mut dout, &mut dx);
+            }
+            // dout now holds dL/d(squeezed input): unsqueeze onto the finer grid.
+            if k > 0 {
+                let fine = Grid { n, h: 2 * sh.size, w: 2 * sh.size };
+                fine.unsqueeze(&dout, c / 4, buf(&mut sc.drest, rows * c));
+                have_rest = true;
+            }
+            sc.dout = dout;
+            sc.dx = dx;
+        }
+    }
+}
+
+/// One flow step forward: x0 -> ActNorm -> 1x1 conv -> affine coupling -> `out`;
+/// `on_logdet(row, log s)` sees every coupling log-scale.
+#[allow(clippy::too_many_arguments)] // one step's operands; grouping them would only rename them
+fn step_forward(p: &StepParams, g: Grid, c: usize, hd: usize, x0: &[f32], out: &mut Vec<f32>, tape: &mut StepTape, sc: &mut Scratch, mut on_logdet: impl FnMut(usize, f32)) {
+    let (rows, half) = (g.rows(), c / 2);
+    let t = buf(&mut sc.t, rows * c);
+    for (tr, xr) in t.chunks_exact_mut(c).zip(x0.chunks_exact(c)) {
+        for ch in 0..c {
+            tr[ch] = (xr[ch] + p.an_loc[ch]) * p.an_s[ch];
+        }
+    }
+    let h1 = buf(&mut tape.h1, rows * c);
+    matmul(h1, rows, c, c, View::rows(t, c), View::transposed(&p.w, c), false);
+    let pat = buf(&mut tape.pat, rows * 9 * half);
+    g.im2col(h1, c, half, false, pat);
+    let a1 = buf(&mut tape.a1, rows * hd);
+    matmul(a1, rows, hd, 9 * half, View::rows(pat, 9 * half), View::rows(&p.w1, hd), false);
+    let r1 = buf(&mut sc.r1, rows * hd);
+    norm_relu(a1, &p.n1_loc, &p.n1_s, r1);
+    let a2 = buf(&mut tape.a2, rows * hd);
+    matmul(a2, rows, hd, hd, View::rows(r1, hd), View::transposed(&p.w2, hd), false);
+    let r2 = buf(&mut sc.r2, rows * hd);
+    norm_relu(a2, &p.n2_loc, &p.n2_s, r2);
+    let taps = buf(&mut sc.wide, rows * 9 * c);
+    matmul(taps, rows, 9 * c, hd, View::rows(r2, hd), View::rows(&p.w3, 9 * c), false);
+    let net = buf(&mut tape.net, rows * c);
+    g.tap_sum(taps, c, net);
+    let o = buf(out, rows * c);
+    for r in 0..rows {
+        let (hr, nr, or) = (&h1[r * c..(r + 1) * c], &net[r * c..(r + 1) * c], &mut o[r * c..(r + 1) * c]);
+        or[..half].copy_from_slice(&hr[..half]);
+        for i in 0..half {
+            let (shift, ls, s) = affine_terms(p, nr, i);
+            or[half + i] = (hr[half + i] + shift) * s;
+            on_logdet(r, ls);
+        }
+    }
+}
+
+/// One flow step backward: from dL/d(out) `dout` to dL/dx0 in `dx`, parameter gradients
+/// added to `gp`; `dl[img]` = dL/dlp_k of each image (the coupling log-determinant's weight).
+#[allow(clippy::too_many_arguments)] // as step_forward, plus the gradients
+fn step_backward(p: &StepParams, gp: &mut StepParams, g: Grid, c: usize, hd: usize, x0: &[f32], out: &[f32], tape: &StepTape, dl: &[f32], dout: &[f32], dx: &mut Vec<f32>, sc: &mut Scratch) {
+    let (rows, half, hw) = (g.rows(), c / 2, g.h * g.w);
+    // Coupling: y_b = (x_b + shift) s, s = sigmoid(raw + 2), lp += log s. Then
+    // dx_b = dy s, dshift = dy s, dlog s = dy y_b + dlp, draw = dlog s (1 - s).
+    let dh1 = buf(&mut sc.dh1, rows * c);
+    let dnet = buf(&mut sc.d1, rows * c);
+    for r in 0..rows {
+        let dlr = dl[r / hw];
+        let nr = &tape.net[r * c..(r + 1) * c];
+        let (dor, orow) = (&dout[r * c..(r + 1) * c], &out[r * c..(r + 1) * c]);
+        let (dhr, dnr) = (&mut dh1[r * c..(r + 1) * c], &mut dnet[r * c..(r + 1) * c]);
+        dhr[..half].copy_from_slice(&dor[..half]);
+        for i in 0..half {
+            let (_, _, s) = affine_terms(p, nr, i);
+            let dy = dor[half + i];
+            dhr[half + i] = dy * s;
+            let draw = (dy * orow[half + i] + dlr) * (1.0 - s);
+            // o = (net + b3) * s3, o[2i] = shift, o[2i + 1] = raw.
+            for (ch, d_o) in [(2 * i, dy * s), (2 * i + 1, draw)] {
+                gp.s3[ch] += d_o * (nr[ch] + p.b3[ch]);
+                gp.b3[ch] += d_o * p.s3[ch];
+                dnr[ch] = d_o * p.s3[ch];
+            }
+        }
+    }
+    // net = tap_sum(r2 @ W3): dtaps = mirrored patches of dnet; dW3 = r2^T dtaps; dr2 = dtaps W3^T.
+    let r1 = buf(&mut sc.r1, rows * hd);
+    norm_relu(&tape.a1, &p.n1_loc, &p.n1_s, r1);
+    let r2 = buf(&mut sc.r2, rows * hd);
+    norm_relu(&tape.a2, &p.n2_loc, &p.n2_s, r2);
+    let dtaps = buf(&mut sc.wide, rows * 9 * c);
+    g.im2col(dnet, c, c, true, dtaps);
+    matmul(&mut gp.w3, hd, 9 * c, rows, View::transposed(r2, hd), View::rows(dtaps, 9 * c), true);
+    let d2 = buf(&mut sc.d2, rows * hd);
+    matmul(d2, rows, hd, 9 * c, View::rows(dtaps, 9 * c), View::transposed(&p.w3, 9 * c), false);
+    norm_relu_backward(&tape.a2, r2, &p.n2_loc, &p.n2_s, d2, &mut gp.n2_loc, &mut gp.n2_s);
+    // a2 = r1 @ W2^T: dW2 = da2^T r1; dr1 = da2 W2.
+    matmul(&mut gp.w2, hd, hd, rows, View::transposed(d2, hd), View::rows(r1, hd), true);
+    let d1 = buf(&mut sc.d1, rows * hd);
+    matmul(d1, rows, hd, hd, View::rows(d2, hd), View::rows(&p.w2, hd), false);
+    norm_relu_backward(&tape.a1, r1, &p.n1_loc, &p.n1_s, d1, &mut gp.n1_loc, &mut gp.n1_s);
+    // a1 = pat @ W1: dW1 = pat^T da1; dpat = da1 W1^T, added back to x_a's pixels.
+    matmul(&mut gp.w1, 9 * half, hd, rows, View::transposed(&tape.pat, 9 * half), View::rows(d1, hd), true);
+    let dpat = buf(&mut sc.wide, rows * 9 * half);
+    matmul(dpat, rows, 9 * half, hd, View::rows(d1, hd), View::transposed(&p.w1, hd), false);
+    g.col2im_add(dpat, half, dh1, c);
+    // h1 = t @ W^T with t = (x0 + loc) s: dW = dh1^T t; dt = dh1 W; ActNorm's adjoint.
+    let t = buf(&mut sc.t, rows * c);
+    for (tr, xr) in t.chunks_exact_mut(c).zip(x0.chunks_exact(c)) {
+        for ch in 0..c {
+            tr[ch] = (xr[ch] + p.an_loc[ch]) * p.an_s[ch];
+        }
+    }
+    matmul(&mut gp.w, c, c, rows, View::transposed(dh1, c), View::rows(t, c), true);
+    let dt = buf(dx, rows * c);
+    matmul(dt, rows, c, c, View::rows(dh1, c), View::rows(&p.w, c), false);
+    for (dr, xr) in dt.chunks_exact_mut(c).zip(x0.chunks_exact(c)) {
+        for ch in 0..c {
+            gp.an_s[ch] += dr[ch] * (xr[ch] + p.an_loc[ch]);
+            gp.an_loc[ch] += dr[ch] * p.an_s[ch];
+            dr[ch] *= p.an_s[ch];
+        }
+    }
+}
+
+/// Exit forward: y = (z + loc) * s per dimension over the first `ce` channels of `out`;
+/// `on_prior(img, log N(y; 0, I))` once per image.
+fn exit_forward(e: &ExitParams, g: Grid, c: usize, ce: usize, out: &[f32], mut on_prior: impl FnMut(usize, f64)) {
+    let hw = g.h * g.w;
+    for img in 0..g.n {
+        let mut sq = 0.0f64;
+        for q in 0..hw {
+            let z = &out[(img * hw + q) * c..(img * hw + q) * c + ce];
+            for (ch, zv) in z.iter().enumerate() {
+                let d = q * ce + ch;
+                let y = ((zv + e.loc[d]) * e.s[d]) as f64;
+                sq += y * y;
+            }
+        }
+        on_prior(img, -0.5 * sq - (hw * ce) as f64 * HALF_LN_2PI);
+    }
+}
+
+/// Exit backward: dy = -y dlp (the N(0, I) log-density's gradient), written as dL/dz into
+/// the first `ce` channels of `dout`; dL/dloc and dL/ds added to `ge`.
+#[allow(clippy::too_many_arguments)] // the exit's operands and gradients
+fn exit_backward(e: &ExitParams, ge: &mut ExitParams, g: Grid, c: usize, ce: usize, out: &[f32], dl: &[f32], dout: &mut [f32]) {
+    let hw = g.h * g.w;
+    for img in 0..g.n {
+        for q in 0..hw {
+            let r = img * hw + q;
+            for ch in 0..ce {
+                let d = q * ce + ch;
+                let zl = out[r * c + ch] + e.loc[d];
+                let dy = -(zl * e.s[d]) * dl[img];
+                ge.s[d] += dy * zl;
+                ge.loc[d] += dy * e.s[d];
+                dout[r * c + ch] = dy * e.s[d];
+            }
+        }
+    }
+}
