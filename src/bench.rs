@@ -12,7 +12,9 @@ use crate::device::device_name;
 use crate::glow::config::GlowConfig;
 use crate::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
 use crate::glow::scorer::StageTimer;
+use crate::glow::fused_train::{Backprop, loss_and_gradients};
 use crate::glow::{GlowModel, Precision, Result};
+use crate::train::optimizer::{Adamax, AdamaxConfig};
 
 /// What a timed run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -22,10 +24,13 @@ pub enum BenchMode {
     Score,
     /// The trainable reference path's forward pass (what the fused scorer is tested against).
     Reference,
-    /// One training step's forward and backward pass of the mean NLL through the channels-last
-    /// training path ([`crate::glow::Glow::scale_log_p`]), no optimizer update; counted as 3x
-    /// the forward FLOPs.
+    /// One training step as `glowwatch train` runs it: forward and backward of the mean NLL
+    /// (the fused CPU path where it applies, [`Backprop::auto`]) and the Adamax update;
+    /// counted as 3x the forward FLOPs.
     TrainStep,
+    /// The same with candle's autograd over the channels-last path
+    /// ([`crate::glow::Glow::scale_log_p`]).
+    TrainStepAutograd,
     /// The same through the NCHW reference path ([`crate::glow::Glow::forward`]).
     TrainStepReference,
 }
@@ -37,9 +42,11 @@ impl std::str::FromStr for BenchMode {
             "score" => Ok(Self::Score),
             "reference" => Ok(Self::Reference),
             "train-step" => Ok(Self::TrainStep),
+            "train-step-autograd" => Ok(Self::TrainStepAutograd),
             "train-step-reference" => Ok(Self::TrainStepReference),
             _ => Err(format!(
-                "unknown mode `{s}`: use score, reference, train-step or train-step-reference"
+                "unknown mode `{s}`: use score, reference, train-step, train-step-autograd or \
+                 train-step-reference"
             )),
         }
     }
@@ -51,6 +58,7 @@ impl BenchMode {
             Self::Score => "score",
             Self::Reference => "reference",
             Self::TrainStep => "train-step",
+            Self::TrainStepAutograd => "train-step-autograd",
             Self::TrainStepReference => "train-step-reference",
         }
     }
@@ -146,23 +154,34 @@ pub fn run_case(
         let scorer = model.scorer_with_state(device, net, state)?;
         for &batch in &case.batches {
             let x = random_batch(&case.config, batch, 2, device)?;
+            let vars = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
+            let mut opt = Adamax::new(vars, AdamaxConfig::default())?;
+            let mut tapes = Vec::new();
             // Every mode ends by copying a result to the host, which includes the device sync.
-            let work = || -> Result<usize> {
+            let mut work = || -> Result<usize> {
                 Ok(match opts.mode {
                     BenchMode::Score => scorer.score(&x)?.log_p.len(),
                     BenchMode::Reference => {
                         model.glow.forward(&x)?.log_p()?.to_vec1::<f64>()?.len()
                     }
-                    BenchMode::TrainStep | BenchMode::TrainStepReference => {
-                        let log_p = if opts.mode == BenchMode::TrainStep {
-                            model.glow.scale_log_p(&x)?.sum(1)?
-                        } else {
-                            model.glow.forward(&x)?.log_p()?
-                        };
-                        let loss = log_p.mean(0)?.neg()?;
-                        let grads = loss.backward()?;
+                    BenchMode::TrainStepReference => {
+                        let loss = model.glow.forward(&x)?.log_p()?.mean(0)?.neg()?;
+                        opt.step(&loss.backward()?)?;
                         let _ = loss.to_scalar::<f64>()?;
-                        drop(grads);
+                        batch
+                    }
+                    BenchMode::TrainStep | BenchMode::TrainStepAutograd => {
+                        let backprop = if opts.mode == BenchMode::TrainStep {
+                            Backprop::auto(&model.glow, device)
+                        } else {
+                            Backprop::Autograd
+                        };
+                        let (loss, grads) =
+                            loss_and_gradients(&model.glow, backprop, &[&x], &mut tapes, |lp| {
+                                Ok(lp[0].sum(1)?.mean(0)?.neg()?)
+                            })?;
+                        opt.step(&grads)?;
+                        let _ = loss.to_scalar::<f64>()?;
                         batch
                     }
                 })
@@ -191,7 +210,9 @@ pub fn run_case(
             };
             let med = median(&ips);
             let passes = match opts.mode {
-                BenchMode::TrainStep | BenchMode::TrainStepReference => 3.0,
+                BenchMode::TrainStep
+                | BenchMode::TrainStepAutograd
+                | BenchMode::TrainStepReference => 3.0,
                 BenchMode::Score | BenchMode::Reference => 1.0,
             };
             let tflops = passes * med * case.config.flops_per_image() / 1e12;
@@ -332,6 +353,7 @@ mod tests {
             BenchMode::Score,
             BenchMode::Reference,
             BenchMode::TrainStep,
+            BenchMode::TrainStepAutograd,
             BenchMode::TrainStepReference,
         ] {
             assert_eq!(m.name().parse::<BenchMode>(), Ok(m));
@@ -390,6 +412,7 @@ mod tests {
         for mode in [
             BenchMode::Reference,
             BenchMode::TrainStep,
+            BenchMode::TrainStepAutograd,
             BenchMode::TrainStepReference,
         ] {
             let opts = BenchOptions {

@@ -36,8 +36,9 @@ pub struct BenchArgs {
     /// Reference images/s (e.g. from ../shared/docs/performance.md), for the "x ref" column.
     #[arg(long)]
     reference_ips: Option<f64>,
-    /// What to time: score (fused scorer), reference (trainable path's forward) or train-step
-    /// (forward + backward of the mean NLL).
+    /// What to time: score (fused scorer), reference (trainable path's forward), train-step
+    /// (forward + backward of the mean NLL + Adamax update, as `glowwatch train` runs it),
+    /// train-step-autograd (the same through candle's autograd) or train-step-reference.
     #[arg(long, default_value = "score")]
     mode: BenchMode,
     /// Also time the stages of one forward pass per row and print their shares.

@@ -27,7 +27,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
-use self::params::{Params, effective_tensors};
+use self::params::{Effective, Params, effective_tensors};
 use self::step::ChunkTape;
 use super::{Glow, Prior, Result};
 
@@ -108,14 +108,14 @@ struct Gradients {
 /// The fused path for the model's current parameter values (built once per training step).
 struct FusedPath {
     params: Params,
-    eff: Vec<Tensor>,
+    eff: Vec<Effective>,
     constants: Vec<Tensor>,
 }
 
 impl FusedPath {
     fn new(glow: &Glow) -> Result<Self> {
         let (eff, constants) = effective_tensors(glow)?;
-        let params = Params::from_tensors(glow, &eff)?;
+        let params = Params::from_effective(glow, &eff)?;
         Ok(Self {
             params,
             eff,
@@ -214,17 +214,28 @@ impl FusedPath {
         Ok(())
     }
 
-    /// dL/dθ for every variable θ through the surrogate of the module docs.
+    /// dL/dθ for every variable θ: permuted back for direct parameters, through the
+    /// surrogate of the module docs for the others.
     fn variable_gradients(&self, mut acc: Gradients) -> Result<GradStore> {
         let mut s = Tensor::new(0.0f64, &Device::Cpu)?;
+        let mut direct = Vec::new();
         for (e, g) in self.eff.iter().zip(acc.params.vectors_mut()) {
-            let g = Tensor::from_vec(std::mem::take(g), e.shape(), e.device())?;
-            s = (s + (e * g)?.sum_all()?.to_dtype(DType::F64)?)?;
+            let g = std::mem::take(g);
+            if e.direct.is_some() {
+                direct.extend(e.variable_gradient(g)?);
+            } else {
+                let g = Tensor::from_vec(g, e.value.shape(), e.value.device())?;
+                s = (s + (&e.value * g)?.sum_all()?.to_dtype(DType::F64)?)?;
+            }
         }
         for (c, w) in self.constants.iter().zip(&acc.lp_weight) {
             s = (s + (c * *w)?)?;
         }
-        Ok(s.backward()?)
+        let mut grads = s.backward()?;
+        for (var, g) in direct {
+            grads.insert(&var, g);
+        }
+        Ok(grads)
     }
 }
 

@@ -95,26 +95,24 @@ impl Grid {
         self.n * self.h * self.w
     }
 
-    /// Calls `f(dst_row, src_row, tap)` for every in-bounds pair of a 3x3 neighbourhood:
-    /// `src_row` is pixel (y + dy - 1, x + dx - 1) of the same image, tap = 3 dy + dx, or
+    /// Calls `f(dst_row, src_row, len, tap)` for every run of `len` horizontally adjacent
+    /// in-bounds pairs of a 3x3 neighbourhood: `src_row + i` is pixel
+    /// (y + dy - 1, x + dx - 1) of `dst_row + i`'s image, tap = 3 dy + dx, or
     /// (y - dy + 1, x - dx + 1) when `mirrored` (the adjoint's direction).
-    fn for_each_tap(&self, mirrored: bool, mut f: impl FnMut(usize, usize, usize)) {
+    fn for_each_run(&self, mirrored: bool, mut f: impl FnMut(usize, usize, usize, usize)) {
         let (h, w) = (self.h as isize, self.w as isize);
         for img in 0..self.n {
-            let base = img * self.h * self.w;
-            for y in 0..h {
-                for x in 0..w {
-                    let dst = base + (y * w + x) as usize;
-                    for t in 0..9 {
-                        let (mut dy, mut dx) = ((t / 3) as isize - 1, (t % 3) as isize - 1);
-                        if mirrored {
-                            (dy, dx) = (-dy, -dx);
-                        }
-                        let (sy, sx) = (y + dy, x + dx);
-                        if sy >= 0 && sy < h && sx >= 0 && sx < w {
-                            f(dst, base + (sy * w + sx) as usize, t);
-                        }
-                    }
+            let base = (img * self.h * self.w) as isize;
+            for t in 0..9 {
+                let (mut dy, mut dx) = ((t / 3) as isize - 1, (t % 3) as isize - 1);
+                if mirrored {
+                    (dy, dx) = (-dy, -dx);
+                }
+                let (x0, x1) = ((-dx).max(0), (w - dx).min(w));
+                for y in (-dy).max(0)..(h - dy).min(h) {
+                    let dst = base + y * w + x0;
+                    let src = dst + dy * w + dx;
+                    f(dst as usize, src as usize, (x1 - x0) as usize, t);
                 }
             }
         }
@@ -125,19 +123,23 @@ impl Grid {
     /// opposite offset: the patches of the adjoint of [`Grid::tap_sum`].
     pub fn im2col(&self, src: &[f32], src_cols: usize, c: usize, mirrored: bool, dst: &mut [f32]) {
         dst[..self.rows() * 9 * c].fill(0.0);
-        self.for_each_tap(mirrored, |d, s, t| {
-            let o = d * 9 * c + t * c;
-            dst[o..o + c].copy_from_slice(&src[s * src_cols..s * src_cols + c]);
+        self.for_each_run(mirrored, |d, s, len, t| {
+            let dst = dst[d * 9 * c..(d + len) * 9 * c].chunks_exact_mut(9 * c);
+            for (dr, sr) in dst.zip(src[s * src_cols..].chunks(src_cols)) {
+                dr[t * c..(t + 1) * c].copy_from_slice(&sr[..c]);
+            }
         });
     }
 
     /// Adjoint of [`Grid::im2col`] (not mirrored): adds each patch entry back to the pixel it
     /// was read from, into channels `[0, c)` of `dst` (row stride `dst_cols`).
     pub fn col2im_add(&self, cols: &[f32], c: usize, dst: &mut [f32], dst_cols: usize) {
-        self.for_each_tap(false, |d, s, t| {
-            let o = d * 9 * c + t * c;
-            for (v, g) in dst[s * dst_cols..s * dst_cols + c].iter_mut().zip(&cols[o..o + c]) {
-                *v += g;
+        self.for_each_run(false, |d, s, len, t| {
+            let from = cols[d * 9 * c..(d + len) * 9 * c].chunks_exact(9 * c);
+            for (sr, dr) in from.zip(dst[s * dst_cols..].chunks_mut(dst_cols)) {
+                for (v, g) in dr[..c].iter_mut().zip(&sr[t * c..(t + 1) * c]) {
+                    *v += g;
+                }
             }
         });
     }
@@ -146,10 +148,12 @@ impl Grid {
     /// `dst[y, x] = sum_t taps[(y + dy - 1, x + dx - 1), t]`, the 3x3 convolution's sum.
     pub fn tap_sum(&self, taps: &[f32], c: usize, dst: &mut [f32]) {
         dst[..self.rows() * c].fill(0.0);
-        self.for_each_tap(false, |d, s, t| {
-            let o = s * 9 * c + t * c;
-            for (v, g) in dst[d * c..d * c + c].iter_mut().zip(&taps[o..o + c]) {
-                *v += g;
+        self.for_each_run(false, |d, s, len, t| {
+            let from = taps[s * 9 * c..(s + len) * 9 * c].chunks_exact(9 * c);
+            for (sr, dr) in from.zip(dst[d * c..(d + len) * c].chunks_exact_mut(c)) {
+                for (v, g) in dr.iter_mut().zip(&sr[t * c..(t + 1) * c]) {
+                    *v += g;
+                }
             }
         });
     }

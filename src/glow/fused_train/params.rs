@@ -2,7 +2,8 @@
 //! kernels read (channels-last, matrices row-major), and the same structure for gradients.
 //! Each effective parameter is a differentiable candle expression of the model's variables
 //! (e.g. `exp(logs)`, the LU product of the 1x1 conv, a permuted conv kernel), built by
-//! [`effective_tensors`]; the chain rule through those small expressions is left to candle.
+//! [`effective_tensors`]; the chain rule through those small expressions is left to candle,
+//! except for variables that are only laid out differently, whose gradients are permuted back.
 
 use candle_core::{DType, Tensor};
 
@@ -112,11 +113,11 @@ impl Params {
         }
     }
 
-    /// Host copies of `tensors` (from [`effective_tensors`] of `glow`).
-    pub fn from_tensors(glow: &Glow, tensors: &[Tensor]) -> Result<Self> {
-        let v = tensors
+    /// Host copies of `eff` (from [`effective_tensors`] of `glow`).
+    pub fn from_effective(glow: &Glow, eff: &[Effective]) -> Result<Self> {
+        let v = eff
             .iter()
-            .map(|t| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .map(|e| e.value.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>())
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self::from_vectors(glow, v.into_iter()))
     }
@@ -140,37 +141,84 @@ impl Params {
     }
 }
 
-/// The effective parameters as differentiable expressions of `glow`'s variables, in the
-/// order of [`Params::vectors_mut`], and per scale the parameter-only part of lp_k (f64
-/// scalar): the log-determinants of its ActNorms, 1x1 convs and exit.
-pub(super) fn effective_tensors(glow: &Glow) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+/// One effective parameter: its value and, when it is a model variable itself or only a
+/// permutation of one, that variable and the permutation (so its gradient is mapped back
+/// directly instead of through candle's backward pass).
+pub(super) struct Effective {
+    /// The value (a differentiable expression of the variables).
+    pub value: Tensor,
+    /// The variable and the axes that take `value`'s layout back to the variable's.
+    pub direct: Option<(Tensor, Vec<usize>)>,
+}
+
+impl Effective {
+    fn expr(value: Tensor) -> Self {
+        Self { value, direct: None }
+    }
+
+    fn var(var: &Tensor) -> Self {
+        Self::permuted(var, &(0..var.rank()).collect::<Vec<_>>())
+    }
+
+    /// `var` with its axes in the order `perm`.
+    fn permuted(var: &Tensor, perm: &[usize]) -> Self {
+        let mut back = vec![0; perm.len()];
+        for (i, &p) in perm.iter().enumerate() {
+            back[p] = i;
+        }
+        Self {
+            value: var.permute(perm).expect("a permutation of the variable's axes"),
+            direct: Some((var.clone(), back)),
+        }
+    }
+
+    /// The gradient of the variable behind a direct parameter from the gradient `g` of
+    /// its value (flat, in `value`'s layout).
+    pub fn variable_gradient(&self, g: Vec<f32>) -> Result<Option<(Tensor, Tensor)>> {
+        let Some((var, back)) = &self.direct else {
+            return Ok(None);
+        };
+        let g = Tensor::from_vec(g, self.value.shape(), var.device())?
+            .permute(back.as_slice())?
+            .contiguous()?
+            .to_dtype(var.dtype())?;
+        Ok(Some((var.clone(), g)))
+    }
+}
+
+/// The effective parameters of `glow`, in the order of [`Params::vectors_mut`], and per scale
+/// the parameter-only part of lp_k (f64 scalar): the log-determinants of its ActNorms, 1x1
+/// convs and exit.
+pub(super) fn effective_tensors(glow: &Glow) -> Result<(Vec<Effective>, Vec<Tensor>)> {
     let mut eff = Vec::new();
     let mut constants = Vec::new();
     for scale in glow.scales() {
-        let (c, size) = (scale.shape.channels, scale.shape.size);
-        let hw = size * size;
+        let hw = scale.shape.size * scale.shape.size;
         let mut constant = scale.exit.logdet()?;
         for step in &scale.steps {
             let (an, cp) = (&step.actnorm, &step.coupling);
-            let hidden = cp.conv2.dim(0)?;
             eff.extend([
-                an.loc.clone(),
-                an.logs.exp()?,
-                step.invconv.weight()?,
-                cp.conv1.permute((2, 3, 1, 0))?.reshape((9 * (c / 2), hidden))?,
-                cp.norm1.loc.clone(),
-                cp.norm1.logs.exp()?,
-                cp.conv2.clone(),
-                cp.norm2.loc.clone(),
-                cp.norm2.logs.exp()?,
-                cp.conv3.permute((1, 2, 3, 0))?.reshape((hidden, 9 * c))?,
-                cp.conv3_bias.clone(),
-                (&cp.conv3_logs * 3.0)?.exp()?,
+                Effective::var(&an.loc),
+                Effective::expr(an.logs.exp()?),
+                Effective::expr(step.invconv.weight()?),
+                // (hd, C/2, 3, 3) -> (3, 3, C/2, hd): rows (tap, input channel).
+                Effective::permuted(&cp.conv1, &[2, 3, 1, 0]),
+                Effective::var(&cp.norm1.loc),
+                Effective::expr(cp.norm1.logs.exp()?),
+                Effective::var(&cp.conv2),
+                Effective::var(&cp.norm2.loc),
+                Effective::expr(cp.norm2.logs.exp()?),
+                // (C, hd, 3, 3) -> (hd, 3, 3, C): columns (tap, output channel).
+                Effective::permuted(&cp.conv3, &[1, 2, 3, 0]),
+                Effective::var(&cp.conv3_bias),
+                Effective::expr((&cp.conv3_logs * 3.0)?.exp()?),
             ]);
             constant = ((constant + an.logdet(hw)?)? + step.invconv.logdet(hw)?)?;
         }
-        eff.push(scale.exit.loc.permute((1, 2, 0))?);
-        eff.push((scale.exit.logs.permute((1, 2, 0))?.exp()? + EXIT_SCALE_EPS)?);
+        // (C, H, W) -> (H, W, C): channels-last.
+        eff.push(Effective::permuted(&scale.exit.loc, &[1, 2, 0]));
+        let s = (scale.exit.logs.permute((1, 2, 0))?.exp()? + EXIT_SCALE_EPS)?;
+        eff.push(Effective::expr(s));
         constants.push(constant);
     }
     Ok((eff, constants))
