@@ -26,6 +26,7 @@ use super::progress::{Progress, RateWindow, TrainEvent};
 use super::{TrainError, TrainResult};
 use crate::glow::config::GlowConfig;
 use crate::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
+use crate::glow::fused_train::{Backprop, loss_and_gradients};
 use crate::glow::{GlowModel, GlowScorer, bits_per_dim, log_sigmoid};
 
 /// Weight and temperature of the outlier loss (nats).
@@ -263,6 +264,8 @@ impl Trainer<'_> {
             .map(|(_, v)| v)
             .collect();
         let mut opt = Adamax::new(vars, o.optimizer.clone())?;
+        let backprop = Backprop::auto(&self.model.glow, &dev);
+        let mut tapes = Vec::new();
         let mut state = TrainState::default();
         if let Some(ck) = resume {
             opt.restore(ck.m, ck.u, ck.opt_steps, ck.opt_skipped)?;
@@ -374,10 +377,7 @@ impl Trainer<'_> {
                 o.augment
                     .apply(&mut px, cfg.in_channels, cfg.image_size, &mut rng);
                 let x = noisy_input(&px, &cfg, &mut rng, &dev)?;
-                let lp = self.model.glow.scale_log_p(&x)?.sum(1)?;
-                let nll = ((lp.mean(0)? * -to_bpd)? + 8.0)?;
-                let mut loss = nll.clone();
-                let mut outlier_term = None;
+                let mut outlier_batch = None;
                 if let (Some(setup), Some(gr)) = (&self.outlier, greader.as_mut()) {
                     let gb = match gr.next() {
                         Some(b) => b?,
@@ -400,21 +400,34 @@ impl Trainer<'_> {
                     o.augment
                         .apply(&mut gpx, cfg.in_channels, cfg.image_size, &mut rng);
                     let xg = noisy_input(&gpx, &cfg, &mut rng, &dev)?;
-                    let lp_in = self.model.glow.scale_log_p(&xg)?.sum(1)?;
                     let lp_gen = setup
                         .general
                         .forward(&xg.to_device(setup.general.device())?)?
                         .sum(1)?
                         .to_device(&dev)?
                         .detach();
-                    let delta = ((lp_in - lp_gen)? / setup.loss.temperature)?;
-                    // softplus(d) = -log_sigmoid(-d), stable for large |d|.
-                    let sp = log_sigmoid(&delta.neg()?)?.neg()?;
-                    let term = (sp.mean(0)? * (setup.loss.weight * to_bpd))?;
-                    outlier_term = Some(term.to_scalar::<f64>()?);
-                    loss = (loss + term)?;
+                    outlier_batch = Some((xg, lp_gen, setup.loss));
                 }
-                let grads = loss.backward()?;
+                let mut inputs = vec![&x];
+                inputs.extend(outlier_batch.as_ref().map(|(xg, _, _)| xg));
+                let (mut nll, mut outlier_term) = (None, None);
+                let (_, grads) =
+                    loss_and_gradients(&self.model.glow, backprop, &inputs, &mut tapes, |lps| {
+                        let lp = lps[0].sum(1)?;
+                        let n = ((lp.mean(0)? * -to_bpd)? + 8.0)?;
+                        let mut loss = n.clone();
+                        nll = Some(n);
+                        if let Some((_, lp_gen, ol)) = &outlier_batch {
+                            let delta = ((lps[1].sum(1)? - lp_gen)? / ol.temperature)?;
+                            // softplus(d) = -log_sigmoid(-d), stable for large |d|.
+                            let sp = log_sigmoid(&delta.neg()?)?.neg()?;
+                            let term = (sp.mean(0)? * (ol.weight * to_bpd))?;
+                            outlier_term = Some(term.to_scalar::<f64>()?);
+                            loss = (loss + term)?;
+                        }
+                        Ok(loss)
+                    })?;
+                let nll = nll.expect("the loss closure ran");
                 let outcome = opt.step(&grads)?;
                 state.step += 1;
                 state.batch_in_epoch = b;

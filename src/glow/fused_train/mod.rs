@@ -195,7 +195,7 @@ impl FusedPath {
             rest = b;
         }
         let p = &self.params;
-        let sum = tape
+        let per_chunk: Vec<Params> = tape
             .chunks
             .par_iter_mut()
             .zip(parts)
@@ -204,11 +204,9 @@ impl FusedPath {
                 chunk.backward(p, dl, &mut g);
                 g
             })
-            .reduce_with(|mut a, b| {
-                a.add(b);
-                a
-            });
-        if let Some(g) = sum {
+            .collect();
+        // Added in chunk order, so a step's gradients do not depend on thread scheduling.
+        for g in per_chunk {
             acc.params.add(g);
         }
         Ok(())
