@@ -10,8 +10,14 @@ scale) through a per-dimension ActNorm, scored under N(0, I).
 
 Modes (the same on both sides):
   score       forward only, no gradients: glowwatch's fused scorer vs torch.inference_mode()
-  train-step  forward + backward of the mean NLL, no optimizer update
-              (glowwatch: `bench --mode train-step`, the channels-last training path)
+  train-step  forward + backward of the mean NLL and an Adamax update (lr 5e-4, coupled weight
+              decay 5e-5, glowwatch's defaults; torch.optim.Adamax)
+              (glowwatch: `bench --mode train-step`, what `glowwatch train` runs: the fused
+              CPU path)
+  train-step-outlier
+              the same plus the outlier loss's second batch of general images through the
+              model, against a frozen general model of the same size (glowwatch: its fused
+              scorer; PyTorch: the module under no_grad), w = T = 300
 
 Each round times glowwatch (`glowwatch bench ... --json`, median of its runs) and then PyTorch
 (median of the same number of timed runs after warm-up), so the shared machine's drift hits both;
@@ -19,7 +25,7 @@ the table gives the medians over rounds and their ratio. PyTorch uses all cores 
 
 Usage:
   scripts/bench_torch.py [--glowwatch target/release/glowwatch] [--config small,small3,FILE.toml]
-                         [--batch 64,256] [--mode score,train-step] [--rounds 3] [--runs 3]
+                         [--batch 64,256] [--mode score,train-step,train-step-outlier] [--rounds 3] [--runs 3]
 Needs `pip install torch` (the tests never do).
 """
 
@@ -169,13 +175,26 @@ def torch_ips(cfg, batch, mode, runs, warmup=2, min_s=2.0):
     model = Glow(**cfg)
     x = torch.rand(batch, cfg["in_channels"], cfg["image_size"], cfg["image_size"]) - 0.5
 
+    opt = torch.optim.Adamax(model.parameters(), lr=5e-4, weight_decay=5e-5)
+    xg = torch.rand_like(x) - 0.5
+    general = Glow(**cfg) if mode == "train-step-outlier" else None
+    to_bpd = 1.0 / (cfg["in_channels"] * cfg["image_size"] ** 2 * math.log(2))
+    w, t = 300.0, 300.0  # glowwatch's OutlierLoss::grey_default
+
     def step():
         if mode == "score":
             with torch.inference_mode():
                 model(x)
-        else:
-            model.zero_grad(set_to_none=True)
-            (-model(x).sum(1).mean()).backward()
+            return
+        opt.zero_grad(set_to_none=True)
+        loss = -model(x).sum(1).mean() * to_bpd
+        if general is not None:
+            with torch.no_grad():
+                lp_gen = general(xg).sum(1)
+            delta = (model(xg).sum(1) - lp_gen) / t
+            loss = loss + F.softplus(delta).mean() * (w * to_bpd)
+        loss.backward()
+        opt.step()
 
     for _ in range(warmup):
         step()
@@ -205,13 +224,13 @@ def main():
     ap.add_argument("--glowwatch", default="target/release/glowwatch")
     ap.add_argument("--config", default="models/configs/grey32-l3-k4-w64.toml,models/configs/grey32-l3-k8-w128.toml,small3")
     ap.add_argument("--batch", default="64")
-    ap.add_argument("--mode", default="score,train-step")
+    ap.add_argument("--mode", default="score,train-step,train-step-outlier")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=3)
     a = ap.parse_args()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs; glowwatch {a.glowwatch}", flush=True)
-    head = f"{'config':<40} {'mode':<11} {'batch':>5} {'glowwatch img/s':>16} {'torch img/s':>12} {'ratio':>6}"
+    head = f"{'config':<40} {'mode':<18} {'batch':>5} {'glowwatch img/s':>16} {'torch img/s':>12} {'ratio':>6}"
     print(head)
     print("-" * len(head), flush=True)
     for name in a.config.split(","):
@@ -224,7 +243,7 @@ def main():
                     theirs.append(torch_ips(cfg, batch, mode, a.runs))
                 o, t = statistics.median(ours), statistics.median(theirs)
                 label = os.path.basename(name)
-                print(f"{label:<40} {mode:<11} {batch:>5} {o:>16.1f} {t:>12.1f} {o / t:>6.2f}", flush=True)
+                print(f"{label:<40} {mode:<18} {batch:>5} {o:>16.1f} {t:>12.1f} {o / t:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":

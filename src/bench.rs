@@ -14,6 +14,7 @@ use crate::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
 use crate::glow::scorer::StageTimer;
 use crate::glow::fused_train::{Backprop, loss_and_gradients};
 use crate::glow::{GlowModel, Precision, Result};
+use crate::train::OutlierLoss;
 use crate::train::optimizer::{Adamax, AdamaxConfig};
 
 /// What a timed run does.
@@ -28,7 +29,11 @@ pub enum BenchMode {
     /// (the fused CPU path where it applies, [`Backprop::auto`]) and the Adamax update;
     /// counted as 3x the forward FLOPs.
     TrainStep,
-    /// The same with candle's autograd over the channels-last path
+    /// A step of the outlier loss as `glowwatch train --general` runs it: the NLL of one batch
+    /// plus the outlier term of a second (general) batch through the same model, against a
+    /// frozen general model's fused scorer; counted as 2 x 3 + 1 forward passes.
+    TrainStepOutlier,
+    /// The same as `TrainStep` with candle's autograd over the channels-last path
     /// ([`crate::glow::Glow::scale_log_p`]).
     TrainStepAutograd,
     /// The same through the NCHW reference path ([`crate::glow::Glow::forward`]).
@@ -43,10 +48,11 @@ impl std::str::FromStr for BenchMode {
             "reference" => Ok(Self::Reference),
             "train-step" => Ok(Self::TrainStep),
             "train-step-autograd" => Ok(Self::TrainStepAutograd),
+            "train-step-outlier" => Ok(Self::TrainStepOutlier),
             "train-step-reference" => Ok(Self::TrainStepReference),
             _ => Err(format!(
-                "unknown mode `{s}`: use score, reference, train-step, train-step-autograd or \
-                 train-step-reference"
+                "unknown mode `{s}`: use score, reference, train-step, train-step-outlier, \
+                 train-step-autograd or train-step-reference"
             )),
         }
     }
@@ -59,6 +65,7 @@ impl BenchMode {
             Self::Reference => "reference",
             Self::TrainStep => "train-step",
             Self::TrainStepAutograd => "train-step-autograd",
+            Self::TrainStepOutlier => "train-step-outlier",
             Self::TrainStepReference => "train-step-reference",
         }
     }
@@ -157,6 +164,11 @@ pub fn run_case(
             let vars = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
             let mut opt = Adamax::new(vars, AdamaxConfig::default())?;
             let mut tapes = Vec::new();
+            let xg = random_batch(&case.config, batch, 3, device)?;
+            // The outlier mode's frozen general model: the scorer, built before any update
+            // (the same work as a separate general model of this configuration).
+            let general = &scorer;
+            let to_bpd = 1.0 / (case.config.dims() as f64 * std::f64::consts::LN_2);
             // Every mode ends by copying a result to the host, which includes the device sync.
             let mut work = || -> Result<usize> {
                 Ok(match opts.mode {
@@ -167,6 +179,23 @@ pub fn run_case(
                     BenchMode::TrainStepReference => {
                         let loss = model.glow.forward(&x)?.log_p()?.mean(0)?.neg()?;
                         opt.step(&loss.backward()?)?;
+                        let _ = loss.to_scalar::<f64>()?;
+                        batch
+                    }
+                    BenchMode::TrainStepOutlier => {
+                        let lp_gen = general.forward(&xg)?.sum(1)?;
+                        let outlier = OutlierLoss::grey_default();
+                        let (loss, grads) = loss_and_gradients(
+                            &model.glow,
+                            Backprop::auto(&model.glow, device),
+                            &[&x, &xg],
+                            &mut tapes,
+                            |lp| {
+                                let nll = (lp[0].sum(1)?.mean(0)? * -to_bpd)?;
+                                Ok((nll + outlier.term(&lp[1].sum(1)?, &lp_gen, to_bpd)?)?)
+                            },
+                        )?;
+                        opt.step(&grads)?;
                         let _ = loss.to_scalar::<f64>()?;
                         batch
                     }
@@ -213,6 +242,7 @@ pub fn run_case(
                 BenchMode::TrainStep
                 | BenchMode::TrainStepAutograd
                 | BenchMode::TrainStepReference => 3.0,
+                BenchMode::TrainStepOutlier => 7.0,
                 BenchMode::Score | BenchMode::Reference => 1.0,
             };
             let tflops = passes * med * case.config.flops_per_image() / 1e12;
@@ -354,6 +384,7 @@ mod tests {
             BenchMode::Reference,
             BenchMode::TrainStep,
             BenchMode::TrainStepAutograd,
+            BenchMode::TrainStepOutlier,
             BenchMode::TrainStepReference,
         ] {
             assert_eq!(m.name().parse::<BenchMode>(), Ok(m));
@@ -413,6 +444,7 @@ mod tests {
             BenchMode::Reference,
             BenchMode::TrainStep,
             BenchMode::TrainStepAutograd,
+            BenchMode::TrainStepOutlier,
             BenchMode::TrainStepReference,
         ] {
             let opts = BenchOptions {

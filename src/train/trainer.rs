@@ -52,6 +52,16 @@ impl OutlierLoss {
             temperature: 300.0,
         }
     }
+
+    /// The outlier term in bits/dim, `w * mean softplus((lp_in - lp_gen) / T) * to_bpd`, from
+    /// per-image log-likelihoods (N) of the general batch under the trained model (`lp_in`,
+    /// differentiable) and the frozen general model (`lp_gen`); `to_bpd = 1 / (D ln 2)`.
+    pub fn term(&self, lp_in: &Tensor, lp_gen: &Tensor, to_bpd: f64) -> candle_core::Result<Tensor> {
+        let delta = ((lp_in - lp_gen)? / self.temperature)?;
+        // softplus(d) = -log_sigmoid(-d), stable for large |d|.
+        let sp = log_sigmoid(&delta.neg()?)?.neg()?;
+        sp.mean(0)? * (self.weight * to_bpd)
+    }
 }
 
 /// Options of a training run.
@@ -418,10 +428,7 @@ impl Trainer<'_> {
                         let mut loss = n.clone();
                         nll = Some(n);
                         if let Some((_, lp_gen, ol)) = &outlier_batch {
-                            let delta = ((lps[1].sum(1)? - lp_gen)? / ol.temperature)?;
-                            // softplus(d) = -log_sigmoid(-d), stable for large |d|.
-                            let sp = log_sigmoid(&delta.neg()?)?.neg()?;
-                            let term = (sp.mean(0)? * (ol.weight * to_bpd))?;
+                            let term = ol.term(&lps[1].sum(1)?, lp_gen, to_bpd)?;
                             outlier_term = Some(term.to_scalar::<f64>()?);
                             loss = (loss + term)?;
                         }
