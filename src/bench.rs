@@ -10,9 +10,9 @@ use serde::Serialize;
 
 use crate::device::device_name;
 use crate::glow::config::GlowConfig;
+use crate::glow::fused_train::{Backprop, loss_and_gradients};
 use crate::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
 use crate::glow::scorer::StageTimer;
-use crate::glow::fused_train::{Backprop, loss_and_gradients};
 use crate::glow::{GlowModel, Precision, Result};
 use crate::train::OutlierLoss;
 use crate::train::optimizer::{Adamax, AdamaxConfig};
@@ -21,8 +21,12 @@ use crate::train::optimizer::{Adamax, AdamaxConfig};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BenchMode {
-    /// The fused inference scorer (what the product runs).
+    /// The fused inference scorer (what the product runs; on the CPU in f32 the fused forward
+    /// kernels shared with training).
     Score,
+    /// The scorer's candle-kernel path ([`crate::glow::GlowScorer::kernel_path`]), for
+    /// comparison on the CPU.
+    ScoreKernels,
     /// The trainable reference path's forward pass (what the fused scorer is tested against).
     Reference,
     /// One training step as `glowwatch train` runs it: forward and backward of the mean NLL
@@ -45,13 +49,14 @@ impl std::str::FromStr for BenchMode {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "score" => Ok(Self::Score),
+            "score-kernels" => Ok(Self::ScoreKernels),
             "reference" => Ok(Self::Reference),
             "train-step" => Ok(Self::TrainStep),
             "train-step-autograd" => Ok(Self::TrainStepAutograd),
             "train-step-outlier" => Ok(Self::TrainStepOutlier),
             "train-step-reference" => Ok(Self::TrainStepReference),
             _ => Err(format!(
-                "unknown mode `{s}`: use score, reference, train-step, train-step-outlier, \
+                "unknown mode `{s}`: use score, score-kernels, reference, train-step, train-step-outlier, \
                  train-step-autograd or train-step-reference"
             )),
         }
@@ -62,6 +67,7 @@ impl BenchMode {
     fn name(self) -> &'static str {
         match self {
             Self::Score => "score",
+            Self::ScoreKernels => "score-kernels",
             Self::Reference => "reference",
             Self::TrainStep => "train-step",
             Self::TrainStepAutograd => "train-step-autograd",
@@ -158,7 +164,10 @@ pub fn run_case(
     for &precision in &case.precisions {
         precision.apply();
         let (net, state) = precision.dtypes();
-        let scorer = model.scorer_with_state(device, net, state)?;
+        let mut scorer = model.scorer_with_state(device, net, state)?;
+        if opts.mode == BenchMode::ScoreKernels {
+            scorer = scorer.kernel_path();
+        }
         for &batch in &case.batches {
             let x = random_batch(&case.config, batch, 2, device)?;
             let vars = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
@@ -172,7 +181,7 @@ pub fn run_case(
             // Every mode ends by copying a result to the host, which includes the device sync.
             let mut work = || -> Result<usize> {
                 Ok(match opts.mode {
-                    BenchMode::Score => scorer.score(&x)?.log_p.len(),
+                    BenchMode::Score | BenchMode::ScoreKernels => scorer.score(&x)?.log_p.len(),
                     BenchMode::Reference => {
                         model.glow.forward(&x)?.log_p()?.to_vec1::<f64>()?.len()
                     }
@@ -226,7 +235,9 @@ pub fn run_case(
                 assert_eq!(n, batch);
                 ips.push(batch as f64 / dt);
             }
-            let stages = if opts.profile && opts.mode == BenchMode::Score {
+            let stages = if opts.profile
+                && matches!(opts.mode, BenchMode::Score | BenchMode::ScoreKernels)
+            {
                 let mut timer = StageTimer::new(device)?;
                 scorer.forward_timed(&x, Some(&mut timer))?;
                 timer
@@ -243,7 +254,7 @@ pub fn run_case(
                 | BenchMode::TrainStepAutograd
                 | BenchMode::TrainStepReference => 3.0,
                 BenchMode::TrainStepOutlier => 7.0,
-                BenchMode::Score | BenchMode::Reference => 1.0,
+                BenchMode::Score | BenchMode::ScoreKernels | BenchMode::Reference => 1.0,
             };
             let tflops = passes * med * case.config.flops_per_image() / 1e12;
             let row = BenchRow {
@@ -381,6 +392,7 @@ mod tests {
     fn mode_and_precision_names_parse_back() {
         for m in [
             BenchMode::Score,
+            BenchMode::ScoreKernels,
             BenchMode::Reference,
             BenchMode::TrainStep,
             BenchMode::TrainStepAutograd,
@@ -441,6 +453,7 @@ mod tests {
         let widths: Vec<usize> = t.lines().map(|l| l.len()).collect();
         assert!(widths.iter().all(|&w| w == widths[0]), "{t}");
         for mode in [
+            BenchMode::ScoreKernels,
             BenchMode::Reference,
             BenchMode::TrainStep,
             BenchMode::TrainStepAutograd,

@@ -588,13 +588,17 @@ fn raw_pixel_columns_score_exactly_like_the_encoded_images() {
         let r = b[id];
         assert!((lp - r).abs() <= 1e-9 * lp.abs(), "{id}: {lp} vs {r}");
     }
-    // Grey -> RGB -> the model's grey is lossless for grey pixels.
+    // Grey -> RGB -> the model's grey is lossless for grey pixels: the same score as the grey
+    // image, up to the last bits that depend on the batch an image is scored in (the CPU
+    // scorer's per-thread chunks and GEMM blocking); one grey level off would move it by
+    // far more.
     let first = src[0]
         .column_by_name("id")
         .unwrap()
         .as_string::<i32>()
         .value(0);
-    assert_eq!(b["rgb"], a[first]);
+    let (rgb, grey) = (b["rgb"], a[first]);
+    assert!((rgb - grey).abs() <= 1e-9 * grey.abs(), "{rgb} vs {grey}");
     let dead = common::read_parquet(&parquet_files(&dir.path().join("raw/dead")));
     let mut reasons: Vec<(String, String)> = dead
         .iter()

@@ -56,7 +56,9 @@ fn train_stripes(backprop: Backprop) -> Vec<f64> {
     let mut history = Vec::new();
     for step in 0..40u64 {
         // Dequantisation noise U[0, 1/256) per value, the same sequence for both paths.
-        let noise: Vec<f32> = (0..x0.elem_count()).map(|_| rng.random::<f32>() / 256.0).collect();
+        let noise: Vec<f32> = (0..x0.elem_count())
+            .map(|_| rng.random::<f32>() / 256.0)
+            .collect();
         let noise = Tensor::from_vec(noise, x0.shape(), &dev).unwrap();
         let x = (pixels_to_tensor(&px, &cfg, 0.0, &dev).unwrap() + noise).unwrap();
         let (loss, grads) = loss_and_gradients(&model.glow, backprop, &[&x], &mut tapes, |lp| {
@@ -87,8 +89,18 @@ fn adamax_on_the_training_path_lowers_bits_per_dim() {
 
 #[test]
 fn fused_and_autograd_training_follow_the_same_bits_per_dim() {
-    let (a, f) = (train_stripes(Backprop::Autograd), train_stripes(Backprop::Fused));
-    let worst = a.iter().zip(&f).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let (a, f) = (
+        train_stripes(Backprop::Autograd),
+        train_stripes(Backprop::Fused),
+    );
+    let worst = a
+        .iter()
+        .zip(&f)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     eprintln!("largest per-step bpd difference over 40 steps: {worst:.2e}");
-    assert!(worst < 1e-5, "paths drift apart: {worst:.2e} bpd\n{a:?}\n{f:?}");
+    assert!(
+        worst < 1e-5,
+        "paths drift apart: {worst:.2e} bpd\n{a:?}\n{f:?}"
+    );
 }

@@ -107,6 +107,32 @@ impl Exit {
         Ok(y.broadcast_div(&self.scale()?)?.broadcast_sub(&self.loc)?)
     }
 
+    /// The exit and its prior folded for inference, channels-last, in f64 on the CPU:
+    /// `(loc', scale', constant)` with per-dimension (H, W, C) tensors such that
+    /// `log N(y; prior) + A_k = log N((z + loc') scale'; 0, I) + constant`. For N(0, I)
+    /// `loc' = loc`, `scale' = exp(logs) + 1e-8`, `constant = A_k`; a diagonal Gaussian
+    /// prior's `(y - m) e^-s` with `y = (z + loc) scale` is `(z + loc - m / scale) (scale e^-s)`,
+    /// and `-sum s` joins the constant.
+    pub fn folded_hwc(&self) -> Result<(Tensor, Tensor, f64)> {
+        let hwc = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.detach()
+                .to_dtype(DType::F64)?
+                .to_device(&candle_core::Device::Cpu)?
+                .permute((1, 2, 0))?
+                .contiguous()?)
+        };
+        let mut scale = (hwc(&self.logs)?.exp()? + EXIT_SCALE_EPS)?;
+        let mut loc = hwc(&self.loc)?;
+        let mut constant = scale.log()?.sum_all()?.to_scalar::<f64>()?;
+        if let Some((mean, logstd)) = &self.prior {
+            let (mean, logstd) = (hwc(mean)?, hwc(logstd)?);
+            loc = (loc - mean.div(&scale)?)?;
+            scale = scale.mul(&logstd.neg()?.exp()?)?;
+            constant -= logstd.sum_all()?.to_scalar::<f64>()?;
+        }
+        Ok((loc, scale, constant))
+    }
+
     /// Scalar f64 log-determinant A_k = sum_d log(exp(logs_d) + 1e-8) (data independent).
     pub fn logdet(&self) -> Result<Tensor> {
         Ok((self.logs.to_dtype(DType::F64)?.exp()? + EXIT_SCALE_EPS)?

@@ -23,8 +23,9 @@ use nalgebra::DMatrix;
 use serde::Serialize;
 
 use super::config::{GlowConfig, ScaleShape};
-use super::exit::{EXIT_SCALE_EPS, standard_normal_log_density};
+use super::exit::standard_normal_log_density;
 use super::flow::Glow;
+use super::fused_train::FusedForward;
 use super::invconv::{to_matrix, to_vec};
 use super::kernels::{coupling_affine, im2col3x3_ones, matmul_relu, small_linear, tap_sum3x3};
 use super::{Result, bits_per_dim, per_sample_sum};
@@ -189,6 +190,10 @@ pub struct GlowScorer {
     state: DType,
     /// dtype of the likelihood terms: f32, or f64 for f64 scorers.
     elem: DType,
+    /// For f32 on the CPU: the training path's fused forward kernels
+    /// ([`super::fused_train::FusedForward`]), which [`GlowScorer::forward`] runs instead of
+    /// the candle kernels below (one chunk of the batch per thread, AVX-512/AVX2 passes).
+    fused: Option<std::sync::Arc<FusedForward>>,
 }
 
 /// Row-major f64 matrix -> tensor.
@@ -325,24 +330,8 @@ impl GlowScorer {
                     conv3: put(mat_tensor(&conv3)?)?,
                 });
             }
-            let chw_to_hwc = |t: &Tensor| -> Result<Tensor> {
-                Ok(t.detach()
-                    .to_dtype(DType::F64)?
-                    .to_device(&Device::Cpu)?
-                    .permute((1, 2, 0))?
-                    .contiguous()?)
-            };
-            let mut exit_scale = (chw_to_hwc(&scale.exit.logs)?.exp()? + EXIT_SCALE_EPS)?;
-            let mut exit_loc = chw_to_hwc(&scale.exit.loc)?;
-            constant += exit_scale.log()?.sum_all()?.to_scalar::<f64>()?;
-            if let Some((mean, logstd)) = &scale.exit.prior {
-                // A diagonal Gaussian prior folds into the exit: (y - m) e^-s with
-                // y = (z + loc) scale is (z + loc - m / scale) (scale e^-s), plus -sum s.
-                let (mean, logstd) = (chw_to_hwc(mean)?, chw_to_hwc(logstd)?);
-                exit_loc = (exit_loc - mean.div(&exit_scale)?)?;
-                exit_scale = exit_scale.mul(&logstd.neg()?.exp()?)?;
-                constant -= logstd.sum_all()?.to_scalar::<f64>()?;
-            }
+            let (exit_loc, exit_scale, exit_constant) = scale.exit.folded_hwc()?;
+            constant += exit_constant;
             scales.push(FusedScale {
                 steps,
                 exit_loc: put_elem(exit_loc)?,
@@ -351,6 +340,9 @@ impl GlowScorer {
                 shape: scale.shape,
             });
         }
+        let fused = (device.is_cpu() && dtype == DType::F32 && state == DType::F32)
+            .then(|| FusedForward::new(glow).map(std::sync::Arc::new))
+            .transpose()?;
         Ok(Self {
             config: glow.config().clone(),
             scales,
@@ -358,6 +350,7 @@ impl GlowScorer {
             dtype,
             state,
             elem,
+            fused,
         })
     }
 
@@ -383,8 +376,19 @@ impl GlowScorer {
         self.forward_timed(x, None)
     }
 
-    /// [`GlowScorer::forward`] with optional per-stage timing.
+    /// The same scorer without the CPU fused forward: always the candle-kernel path below
+    /// (for comparisons: `glowwatch bench --mode score-kernels`).
+    pub fn kernel_path(mut self) -> Self {
+        self.fused = None;
+        self
+    }
+
+    /// [`GlowScorer::forward`] with optional per-stage timing. Timing covers the candle-kernel
+    /// path's stages, so with a timer that path runs even where the fused forward exists.
     pub fn forward_timed(&self, x: &Tensor, mut timer: Option<&mut StageTimer>) -> Result<Tensor> {
+        if let (Some(f), None) = (&self.fused, &timer) {
+            return f.log_p(x);
+        }
         let n = x.dim(0)?;
         let mut h = x
             .to_device(&self.device)?

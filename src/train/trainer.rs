@@ -25,8 +25,8 @@ use super::optimizer::{Adamax, AdamaxConfig, StepOutcome};
 use super::progress::{Progress, RateWindow, TrainEvent};
 use super::{TrainError, TrainResult};
 use crate::glow::config::GlowConfig;
-use crate::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
 use crate::glow::fused_train::{Backprop, loss_and_gradients};
+use crate::glow::preprocess::{BIN_CENTRE, pixels_to_tensor};
 use crate::glow::{GlowModel, GlowScorer, bits_per_dim, log_sigmoid};
 
 /// Weight and temperature of the outlier loss (nats).
@@ -56,7 +56,12 @@ impl OutlierLoss {
     /// The outlier term in bits/dim, `w * mean softplus((lp_in - lp_gen) / T) * to_bpd`, from
     /// per-image log-likelihoods (N) of the general batch under the trained model (`lp_in`,
     /// differentiable) and the frozen general model (`lp_gen`); `to_bpd = 1 / (D ln 2)`.
-    pub fn term(&self, lp_in: &Tensor, lp_gen: &Tensor, to_bpd: f64) -> candle_core::Result<Tensor> {
+    pub fn term(
+        &self,
+        lp_in: &Tensor,
+        lp_gen: &Tensor,
+        to_bpd: f64,
+    ) -> candle_core::Result<Tensor> {
         let delta = ((lp_in - lp_gen)? / self.temperature)?;
         // softplus(d) = -log_sigmoid(-d), stable for large |d|.
         let sp = log_sigmoid(&delta.neg()?)?.neg()?;

@@ -99,6 +99,107 @@ pub fn loss_and_gradients(
     Ok((l, path.variable_gradients(acc)?))
 }
 
+/// The forward pass over the batch in chunks, one per rayon thread: x (N, C, S, S) -> lp
+/// (N, L) f64 with each scale's parameter-only term `constants[k]` added. Errors on a wrong
+/// input shape.
+fn run_forward(
+    p: &Params,
+    constants: &[f64],
+    x: &Tensor,
+    tape: &mut Tape,
+    record: bool,
+) -> Result<Tensor> {
+    let (n, levels) = (x.dim(0)?, p.scales.len());
+    let per_image = p.in_channels * p.image_size * p.image_size;
+    if x.dims() != [n, p.in_channels, p.image_size, p.image_size] {
+        return Err(super::GlowError::Input(format!(
+            "expected images of shape (N, {}, {}, {}), got {:?}",
+            p.in_channels,
+            p.image_size,
+            p.image_size,
+            x.dims()
+        )));
+    }
+    let xv = x
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f32>()?;
+    let parts = rayon::current_num_threads().clamp(1, n.max(1));
+    tape.sizes = (0..parts)
+        .map(|i| n / parts + usize::from(i < n % parts))
+        .collect();
+    tape.chunks.resize_with(parts, ChunkTape::default);
+    let mut lp = vec![0.0f64; n * levels];
+    let mut xs: Vec<&[f32]> = Vec::new();
+    let mut lps: Vec<&mut [f64]> = Vec::new();
+    let (mut xr, mut lr) = (&xv[..], &mut lp[..]);
+    for &m in &tape.sizes {
+        let (a, b) = xr.split_at(m * per_image);
+        let (c, d) = std::mem::take(&mut lr).split_at_mut(m * levels);
+        xs.push(a);
+        lps.push(c);
+        (xr, lr) = (b, d);
+    }
+    tape.chunks
+        .par_iter_mut()
+        .zip(xs)
+        .zip(lps)
+        .zip(tape.sizes.par_iter())
+        .for_each(|(((chunk, x), lp), &m)| chunk.forward(p, x, m, lp, record));
+    for row in lp.chunks_exact_mut(levels) {
+        for (v, c) in row.iter_mut().zip(constants) {
+            *v += c;
+        }
+    }
+    Ok(Tensor::from_vec(lp, (n, levels), x.device())?)
+}
+
+/// The fused forward kernels as a CPU scorer: lp (N, L) without gradients or a tape, buffers
+/// reused across calls. Used by [`super::GlowScorer`] for f32 scoring on the CPU.
+#[derive(Debug)]
+pub struct FusedForward {
+    params: Params,
+    constants: Vec<f64>,
+    buffers: std::sync::Mutex<Tape>,
+}
+
+impl FusedForward {
+    /// Snapshot of `glow`'s current parameters (later updates to the model are not seen);
+    /// a diagonal Gaussian prior is folded into the exit ([`crate::glow::exit::Exit::folded_hwc`]).
+    pub fn new(glow: &Glow) -> Result<Self> {
+        let (eff, steps_constants) = effective_tensors(glow)?;
+        let mut params = Params::from_effective(glow, &eff)?;
+        let mut constants = Vec::new();
+        for ((sp, scale), c) in params
+            .scales
+            .iter_mut()
+            .zip(glow.scales())
+            .zip(&steps_constants)
+        {
+            let (loc, s, exit_constant) = scale.exit.folded_hwc()?;
+            sp.exit.loc = loc.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            sp.exit.s = s.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            constants.push(c.to_scalar::<f64>()? + exit_constant);
+        }
+        Ok(Self {
+            params,
+            constants,
+            buffers: Default::default(),
+        })
+    }
+
+    /// x (N, C, S, S) in the model's pixel space -> lp_k per image and scale, (N, L) f64.
+    /// Errors on a wrong input shape.
+    pub fn log_p(&self, x: &Tensor) -> Result<Tensor> {
+        let mut own = Tape::default();
+        // Concurrent callers get fresh buffers instead of waiting.
+        let mut shared = self.buffers.try_lock().ok();
+        let tape = shared.as_deref_mut().unwrap_or(&mut own);
+        run_forward(&self.params, &self.constants, x, tape, false)
+    }
+}
+
 /// Gradients with respect to the effective parameters, and per scale sum_n dL/dlp_nk.
 struct Gradients {
     params: Params,
@@ -114,8 +215,13 @@ struct FusedPath {
 
 impl FusedPath {
     fn new(glow: &Glow) -> Result<Self> {
-        let (eff, constants) = effective_tensors(glow)?;
+        let (eff, steps_constants) = effective_tensors(glow)?;
         let params = Params::from_effective(glow, &eff)?;
+        let constants = steps_constants
+            .iter()
+            .zip(glow.scales())
+            .map(|(c, s)| Ok((c + s.exit.logdet()?)?))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             params,
             eff,
@@ -125,50 +231,12 @@ impl FusedPath {
 
     /// x (N, C, S, S) -> lp (N, L) f64, recording `tape`. Errors on a wrong input shape.
     fn forward(&self, x: &Tensor, tape: &mut Tape) -> Result<Tensor> {
-        let p = &self.params;
-        let (n, levels) = (x.dim(0)?, p.scales.len());
-        let per_image = p.in_channels * p.image_size * p.image_size;
-        if x.elem_count() != n * per_image {
-            return Err(super::GlowError::Input(format!(
-                "expected images of shape (N, {}, {}, {}), got {:?}",
-                p.in_channels,
-                p.image_size,
-                p.image_size,
-                x.dims()
-            )));
-        }
-        let xv = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let parts = rayon::current_num_threads().clamp(1, n.max(1));
-        tape.sizes = (0..parts).map(|i| n / parts + usize::from(i < n % parts)).collect();
-        tape.chunks.resize_with(parts, ChunkTape::default);
-        let mut lp = vec![0.0f64; n * levels];
-        let mut xs: Vec<&[f32]> = Vec::new();
-        let mut lps: Vec<&mut [f64]> = Vec::new();
-        let (mut xr, mut lr) = (&xv[..], &mut lp[..]);
-        for &m in &tape.sizes {
-            let (a, b) = xr.split_at(m * per_image);
-            let (c, d) = std::mem::take(&mut lr).split_at_mut(m * levels);
-            xs.push(a);
-            lps.push(c);
-            (xr, lr) = (b, d);
-        }
-        tape.chunks
-            .par_iter_mut()
-            .zip(xs)
-            .zip(lps)
-            .zip(tape.sizes.par_iter())
-            .for_each(|(((chunk, x), lp), &m)| chunk.forward(p, x, m, lp));
         let constants = self
             .constants
             .iter()
             .map(|c| c.to_scalar::<f64>())
             .collect::<candle_core::Result<Vec<_>>>()?;
-        for row in lp.chunks_exact_mut(levels) {
-            for (v, c) in row.iter_mut().zip(&constants) {
-                *v += c;
-            }
-        }
-        Ok(Tensor::from_vec(lp, (n, levels), x.device())?)
+        run_forward(&self.params, &constants, x, tape, true)
     }
 
     fn zero_gradients(&self) -> Gradients {

@@ -15,12 +15,20 @@ pub struct View<'a> {
 impl<'a> View<'a> {
     /// Row-major (rows, cols) storage with row stride `cols`.
     pub fn rows(data: &'a [f32], cols: usize) -> Self {
-        Self { data, rs: cols, cs: 1 }
+        Self {
+            data,
+            rs: cols,
+            cs: 1,
+        }
     }
 
     /// The transpose of row-major storage whose rows have `cols` entries.
     pub fn transposed(data: &'a [f32], cols: usize) -> Self {
-        Self { data, rs: 1, cs: cols }
+        Self {
+            data,
+            rs: 1,
+            cs: cols,
+        }
     }
 
     fn check(&self, rows: usize, cols: usize, what: &str) {
@@ -42,7 +50,12 @@ impl<'a> View<'a> {
 /// `dst (m, n, row-major) = a (m, k) @ b (k, n)`, or `dst += a @ b` with `accumulate`.
 /// Panics when a view or `dst` is too short for the shapes (a bug, never data).
 pub fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accumulate: bool) {
-    assert!(dst.len() >= m * n, "matmul: dst has {} values, needs {}", dst.len(), m * n);
+    assert!(
+        dst.len() >= m * n,
+        "matmul: dst has {} values, needs {}",
+        dst.len(),
+        m * n
+    );
     a.check(m, k, "matmul lhs");
     b.check(k, n, "matmul rhs");
     if m == 0 || n == 0 {
@@ -209,7 +222,15 @@ mod tests {
         assert_eq!(c, want);
         // b^T stored row-major (n, k), read through a transposed view.
         let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-        matmul(&mut c, m, n, k, View::rows(&a, k), View::transposed(&bt, k), true);
+        matmul(
+            &mut c,
+            m,
+            n,
+            k,
+            View::rows(&a, k),
+            View::transposed(&bt, k),
+            true,
+        );
         let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
         assert_eq!(c, twice);
     }
@@ -219,7 +240,9 @@ mod tests {
         let g = Grid { n: 2, h: 3, w: 4 };
         let c = 2;
         let x: Vec<f32> = (0..g.rows() * c).map(|v| (v as f32 * 0.37).sin()).collect();
-        let u: Vec<f32> = (0..g.rows() * 9 * c).map(|v| (v as f32 * 0.11).cos()).collect();
+        let u: Vec<f32> = (0..g.rows() * 9 * c)
+            .map(|v| (v as f32 * 0.11).cos())
+            .collect();
         let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| (p * q) as f64).sum::<f64>();
         // <im2col(x), u> = <x, col2im(u)>
         let mut p = vec![0.0; g.rows() * 9 * c];

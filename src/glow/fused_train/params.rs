@@ -63,9 +63,18 @@ pub(super) struct Params {
 impl StepParams {
     fn fields_mut(&mut self) -> [&mut Vec<f32>; 12] {
         [
-            &mut self.an_loc, &mut self.an_s, &mut self.w, &mut self.w1, &mut self.n1_loc,
-            &mut self.n1_s, &mut self.w2, &mut self.n2_loc, &mut self.n2_s, &mut self.w3,
-            &mut self.b3, &mut self.s3,
+            &mut self.an_loc,
+            &mut self.an_s,
+            &mut self.w,
+            &mut self.w1,
+            &mut self.n1_loc,
+            &mut self.n1_s,
+            &mut self.w2,
+            &mut self.n2_loc,
+            &mut self.n2_s,
+            &mut self.w3,
+            &mut self.b3,
+            &mut self.s3,
         ]
     }
 }
@@ -95,12 +104,24 @@ impl Params {
                     .steps
                     .iter()
                     .map(|_| StepParams {
-                        an_loc: next(), an_s: next(), w: next(), w1: next(), n1_loc: next(),
-                        n1_s: next(), w2: next(), n2_loc: next(), n2_s: next(), w3: next(),
-                        b3: next(), s3: next(),
+                        an_loc: next(),
+                        an_s: next(),
+                        w: next(),
+                        w1: next(),
+                        n1_loc: next(),
+                        n1_s: next(),
+                        w2: next(),
+                        n2_loc: next(),
+                        n2_s: next(),
+                        w3: next(),
+                        b3: next(),
+                        s3: next(),
                     })
                     .collect(),
-                exit: ExitParams { loc: next(), s: next() },
+                exit: ExitParams {
+                    loc: next(),
+                    s: next(),
+                },
                 shape: s.shape,
             })
             .collect();
@@ -117,7 +138,12 @@ impl Params {
     pub fn from_effective(glow: &Glow, eff: &[Effective]) -> Result<Self> {
         let v = eff
             .iter()
-            .map(|e| e.value.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .map(|e| {
+                e.value
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self::from_vectors(glow, v.into_iter()))
     }
@@ -153,7 +179,10 @@ pub(super) struct Effective {
 
 impl Effective {
     fn expr(value: Tensor) -> Self {
-        Self { value, direct: None }
+        Self {
+            value,
+            direct: None,
+        }
     }
 
     fn var(var: &Tensor) -> Self {
@@ -167,7 +196,9 @@ impl Effective {
             back[p] = i;
         }
         Self {
-            value: var.permute(perm).expect("a permutation of the variable's axes"),
+            value: var
+                .permute(perm)
+                .expect("a permutation of the variable's axes"),
             direct: Some((var.clone(), back)),
         }
     }
@@ -187,14 +218,14 @@ impl Effective {
 }
 
 /// The effective parameters of `glow`, in the order of [`Params::vectors_mut`], and per scale
-/// the parameter-only part of lp_k (f64 scalar): the log-determinants of its ActNorms, 1x1
-/// convs and exit.
+/// the log-determinants of its flow steps' ActNorms and 1x1 convs (f64 scalar; with the exit's,
+/// the parameter-only part of lp_k).
 pub(super) fn effective_tensors(glow: &Glow) -> Result<(Vec<Effective>, Vec<Tensor>)> {
     let mut eff = Vec::new();
     let mut constants = Vec::new();
     for scale in glow.scales() {
         let hw = scale.shape.size * scale.shape.size;
-        let mut constant = scale.exit.logdet()?;
+        let mut constant = Tensor::new(0.0f64, scale.exit.loc.device())?;
         for step in &scale.steps {
             let (an, cp) = (&step.actnorm, &step.coupling);
             eff.extend([

@@ -54,6 +54,17 @@ fn buf(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut v[..len]
 }
 
+/// `xs[a]` to read and `xs[b]` to write (a != b).
+fn pair(xs: &mut [Vec<f32>], a: usize, b: usize) -> (&[f32], &mut Vec<f32>) {
+    if a < b {
+        let (lo, hi) = xs.split_at_mut(b);
+        (&lo[a], &mut hi[0])
+    } else {
+        let (lo, hi) = xs.split_at_mut(a);
+        (&hi[0], &mut lo[b])
+    }
+}
+
 /// log(sigmoid(u)) = min(u, 0) - log(1 + exp(-|u|)) in f32, as [`crate::glow::log_sigmoid`].
 fn log_sigmoid(u: f32) -> f32 {
     u.min(0.0) - ((-u.abs()).exp() + 1.0).ln()
@@ -94,11 +105,22 @@ fn actnorm(x: &[f32], loc: &[f32], s: &[f32], t: &mut [f32]) {
 
 /// Backward of [`actnorm`] in place: `d` holds dL/dt and becomes dL/dx; dL/dloc and dL/ds
 /// are added to `gloc`, `gs`.
-fn actnorm_backward(x: &[f32], loc: &[f32], s: &[f32], d: &mut [f32], gloc: &mut [f32], gs: &mut [f32]) {
+fn actnorm_backward(
+    x: &[f32],
+    loc: &[f32],
+    s: &[f32],
+    d: &mut [f32],
+    gloc: &mut [f32],
+    gs: &mut [f32],
+) {
     simd(|| {
         let cols = loc.len();
         for (dr, xr) in d.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
-            let it = dr.iter_mut().zip(xr).zip(loc.iter().zip(s)).zip(gloc.iter_mut().zip(gs.iter_mut()));
+            let it = dr
+                .iter_mut()
+                .zip(xr)
+                .zip(loc.iter().zip(s))
+                .zip(gloc.iter_mut().zip(gs.iter_mut()));
             for (((d, &x), (&l, &s)), (gl, gs)) in it {
                 *gs += *d * (x + l);
                 *gl += *d * s;
@@ -123,12 +145,23 @@ fn norm_relu(a: &mut [f32], loc: &[f32], s: &[f32]) {
 /// Backward of [`norm_relu`] from its output `r`, in place: `d` holds dL/dr and becomes
 /// dL/da; dL/dloc and dL/ds are added to `gloc`, `gs`. Where the ReLU passes, r = (a + loc) s,
 /// so dL/ds = sum dz r / s needs no copy of a.
-fn norm_relu_backward(r: &[f32], loc: &[f32], s: &[f32], d: &mut [f32], gloc: &mut [f32], gs: &mut [f32]) {
+fn norm_relu_backward(
+    r: &[f32],
+    loc: &[f32],
+    s: &[f32],
+    d: &mut [f32],
+    gloc: &mut [f32],
+    gs: &mut [f32],
+) {
     simd(|| {
         let cols = loc.len();
         let mut dz_r = vec![0.0f32; cols];
         for (dr, rr) in d.chunks_exact_mut(cols).zip(r.chunks_exact(cols)) {
-            let it = dr.iter_mut().zip(rr).zip(s).zip(gloc.iter_mut().zip(dz_r.iter_mut()));
+            let it = dr
+                .iter_mut()
+                .zip(rr)
+                .zip(s)
+                .zip(gloc.iter_mut().zip(dz_r.iter_mut()));
             for (((d, &r), &s), (gl, acc)) in it {
                 let dz = if r > 0.0 { *d } else { 0.0 };
                 *acc += dz * r;
@@ -145,8 +178,17 @@ fn norm_relu_backward(r: &[f32], loc: &[f32], s: &[f32], d: &mut [f32], gloc: &m
 impl ChunkTape {
     /// Forward pass of `n` images `x` (n, C, S, S) in NCHW order: adds lp_k of image i to
     /// `lp[i * L + k]` (without the parameter-only terms: log-determinants of the ActNorms,
-    /// 1x1 convs and exits, which [`super::FusedTrainPath`] adds).
-    pub(super) fn forward(&mut self, p: &Params, x: &[f32], n: usize, lp: &mut [f64]) {
+    /// 1x1 convs and exits, which the callers add). With `record`, keeps every step's
+    /// activations for [`ChunkTape::backward`]; without, reuses one step's buffers throughout
+    /// (inference: memory independent of the number of steps).
+    pub(super) fn forward(
+        &mut self,
+        p: &Params,
+        x: &[f32],
+        n: usize,
+        lp: &mut [f64],
+        record: bool,
+    ) {
         let (cin, size, levels) = (p.in_channels, p.image_size, p.scales.len());
         self.n = n;
         self.xs.resize_with(levels, Vec::new);
@@ -165,25 +207,50 @@ impl ChunkTape {
         let (mut side, mut c_in) = (size, cin);
         for (k, sp) in p.scales.iter().enumerate() {
             let sh = sp.shape;
-            let g = Grid { n, h: sh.size, w: sh.size };
-            let (c, rows) = (sh.channels, g.rows());
+            let g = Grid {
+                n,
+                h: sh.size,
+                w: sh.size,
+            };
+            let (c, rows, steps) = (sh.channels, g.rows(), sp.steps.len());
+            // Activation j lives in xs[j] when recording, else in xs[j % 2].
+            let slot = |j: usize| if record { j } else { j % 2 };
             let xs = &mut self.xs[k];
-            xs.resize_with(sp.steps.len() + 1, Vec::new);
-            Grid { n, h: side, w: side }.squeeze(&cur, c_in, buf(&mut xs[0], rows * c));
-            self.steps[k].resize_with(sp.steps.len(), StepTape::default);
-            for (j, step) in sp.steps.iter().enumerate() {
-                let (before, after) = xs.split_at_mut(j + 1);
-                step_forward(step, g, c, p.hidden, &before[j], &mut after[0], &mut self.steps[k][j], &mut self.scratch, |r, ls| {
-                    lp[(r / (sh.size * sh.size)) * levels + k] += ls as f64;
-                });
+            xs.resize_with(if record { steps + 1 } else { 2 }, Vec::new);
+            Grid {
+                n,
+                h: side,
+                w: side,
             }
-            let out = &xs[sp.steps.len()];
-            exit_forward(&sp.exit, g, c, sh.exit_channels, out, |img, v| lp[img * levels + k] += v);
+            .squeeze(&cur, c_in, buf(&mut xs[0], rows * c));
+            self.steps[k].resize_with(if record { steps } else { 1 }, StepTape::default);
+            for (j, step) in sp.steps.iter().enumerate() {
+                let (x0, out) = pair(xs, slot(j), slot(j + 1));
+                let tape = &mut self.steps[k][if record { j } else { 0 }];
+                step_forward(
+                    step,
+                    g,
+                    c,
+                    p.hidden,
+                    x0,
+                    out,
+                    tape,
+                    &mut self.scratch,
+                    |r, ls| {
+                        lp[(r / (sh.size * sh.size)) * levels + k] += ls as f64;
+                    },
+                );
+            }
+            let out = &xs[slot(steps)];
+            exit_forward(&sp.exit, g, c, sh.exit_channels, out, |img, v| {
+                lp[img * levels + k] += v
+            });
             // The channels that stay flow on to the next scale.
             let rest = c - sh.exit_channels;
             let dst = buf(&mut cur, rows * rest);
             for r in 0..rows {
-                dst[r * rest..(r + 1) * rest].copy_from_slice(&out[r * c + sh.exit_channels..(r + 1) * c]);
+                dst[r * rest..(r + 1) * rest]
+                    .copy_from_slice(&out[r * c + sh.exit_channels..(r + 1) * c]);
             }
             (side, c_in) = (sh.size, rest);
         }
@@ -199,13 +266,26 @@ impl ChunkTape {
         for k in (0..levels).rev() {
             let (sp, gp) = (&p.scales[k], &mut g.scales[k]);
             let sh = sp.shape;
-            let grid = Grid { n, h: sh.size, w: sh.size };
+            let grid = Grid {
+                n,
+                h: sh.size,
+                w: sh.size,
+            };
             let (c, ce, rows) = (sh.channels, sh.exit_channels, grid.rows());
             let dl: Vec<f32> = (0..n).map(|i| dlp[i * levels + k] as f32).collect();
             let xs = &self.xs[k];
             let mut dout = std::mem::take(&mut sc.dout);
             buf(&mut dout, rows * c);
-            exit_backward(&sp.exit, &mut gp.exit, grid, c, ce, &xs[sp.steps.len()], &dl, &mut dout);
+            exit_backward(
+                &sp.exit,
+                &mut gp.exit,
+                grid,
+                c,
+                ce,
+                &xs[sp.steps.len()],
+                &dl,
+                &mut dout,
+            );
             if ce < c {
                 let rest = c - ce;
                 for r in 0..rows {
@@ -219,12 +299,29 @@ impl ChunkTape {
             }
             let mut dx = std::mem::take(&mut sc.dx);
             for j in (0..sp.steps.len()).rev() {
-                step_backward(&sp.steps[j], &mut gp.steps[j], grid, c, p.hidden, &xs[j], &xs[j + 1], &self.steps[k][j], &dl, &dout, &mut dx, sc);
+                step_backward(
+                    &sp.steps[j],
+                    &mut gp.steps[j],
+                    grid,
+                    c,
+                    p.hidden,
+                    &xs[j],
+                    &xs[j + 1],
+                    &self.steps[k][j],
+                    &dl,
+                    &dout,
+                    &mut dx,
+                    sc,
+                );
                 std::mem::swap(&mut dout, &mut dx);
             }
             // dout now holds dL/d(squeezed input): unsqueeze onto the finer grid.
             if k > 0 {
-                let fine = Grid { n, h: 2 * sh.size, w: 2 * sh.size };
+                let fine = Grid {
+                    n,
+                    h: 2 * sh.size,
+                    w: 2 * sh.size,
+                };
                 fine.unsqueeze(&dout, c / 4, buf(&mut sc.drest, rows * c));
                 have_rest = true;
             }
@@ -237,27 +334,73 @@ impl ChunkTape {
 /// One flow step forward: x0 -> ActNorm -> 1x1 conv -> affine coupling -> `out`;
 /// `on_logdet(row, log s)` sees every coupling log-scale.
 #[allow(clippy::too_many_arguments)] // one step's operands; grouping them would only rename them
-fn step_forward(p: &StepParams, g: Grid, c: usize, hd: usize, x0: &[f32], out: &mut Vec<f32>, tape: &mut StepTape, sc: &mut Scratch, mut on_logdet: impl FnMut(usize, f32)) {
+fn step_forward(
+    p: &StepParams,
+    g: Grid,
+    c: usize,
+    hd: usize,
+    x0: &[f32],
+    out: &mut Vec<f32>,
+    tape: &mut StepTape,
+    sc: &mut Scratch,
+    mut on_logdet: impl FnMut(usize, f32),
+) {
     let (rows, half) = (g.rows(), c / 2);
     let t = buf(&mut sc.t, rows * c);
     actnorm(x0, &p.an_loc, &p.an_s, t);
     let h1 = buf(&mut tape.h1, rows * c);
-    matmul(h1, rows, c, c, View::rows(t, c), View::transposed(&p.w, c), false);
+    matmul(
+        h1,
+        rows,
+        c,
+        c,
+        View::rows(t, c),
+        View::transposed(&p.w, c),
+        false,
+    );
     let pat = buf(&mut tape.pat, rows * 9 * half);
     g.im2col(h1, c, half, false, pat);
     let r1 = buf(&mut tape.r1, rows * hd);
-    matmul(r1, rows, hd, 9 * half, View::rows(pat, 9 * half), View::rows(&p.w1, hd), false);
+    matmul(
+        r1,
+        rows,
+        hd,
+        9 * half,
+        View::rows(pat, 9 * half),
+        View::rows(&p.w1, hd),
+        false,
+    );
     norm_relu(r1, &p.n1_loc, &p.n1_s);
     let r2 = buf(&mut tape.r2, rows * hd);
-    matmul(r2, rows, hd, hd, View::rows(r1, hd), View::transposed(&p.w2, hd), false);
+    matmul(
+        r2,
+        rows,
+        hd,
+        hd,
+        View::rows(r1, hd),
+        View::transposed(&p.w2, hd),
+        false,
+    );
     norm_relu(r2, &p.n2_loc, &p.n2_s);
     let taps = buf(&mut sc.wide, rows * 9 * c);
-    matmul(taps, rows, 9 * c, hd, View::rows(r2, hd), View::rows(&p.w3, 9 * c), false);
+    matmul(
+        taps,
+        rows,
+        9 * c,
+        hd,
+        View::rows(r2, hd),
+        View::rows(&p.w3, 9 * c),
+        false,
+    );
     let net = buf(&mut tape.net, rows * c);
     g.tap_sum(taps, c, net);
     let o = buf(out, rows * c);
     for r in 0..rows {
-        let (hr, nr, or) = (&h1[r * c..(r + 1) * c], &net[r * c..(r + 1) * c], &mut o[r * c..(r + 1) * c]);
+        let (hr, nr, or) = (
+            &h1[r * c..(r + 1) * c],
+            &net[r * c..(r + 1) * c],
+            &mut o[r * c..(r + 1) * c],
+        );
         or[..half].copy_from_slice(&hr[..half]);
         for i in 0..half {
             let (shift, ls, s) = affine_terms(p, nr, i);
@@ -270,7 +413,20 @@ fn step_forward(p: &StepParams, g: Grid, c: usize, hd: usize, x0: &[f32], out: &
 /// One flow step backward: from dL/d(out) `dout` to dL/dx0 in `dx`, parameter gradients
 /// added to `gp`; `dl[img]` = dL/dlp_k of each image (the coupling log-determinant's weight).
 #[allow(clippy::too_many_arguments)] // as step_forward, plus the gradients
-fn step_backward(p: &StepParams, gp: &mut StepParams, g: Grid, c: usize, hd: usize, x0: &[f32], out: &[f32], tape: &StepTape, dl: &[f32], dout: &[f32], dx: &mut Vec<f32>, sc: &mut Scratch) {
+fn step_backward(
+    p: &StepParams,
+    gp: &mut StepParams,
+    g: Grid,
+    c: usize,
+    hd: usize,
+    x0: &[f32],
+    out: &[f32],
+    tape: &StepTape,
+    dl: &[f32],
+    dout: &[f32],
+    dx: &mut Vec<f32>,
+    sc: &mut Scratch,
+) {
     let (rows, half, hw) = (g.rows(), c / 2, g.h * g.w);
     // Coupling: y_b = (x_b + shift) s, s = sigmoid(raw + 2), lp += log s. Then
     // dx_b = dy s, dshift = dy s, dlog s = dy y_b + dlp, draw = dlog s (1 - s).
@@ -299,32 +455,103 @@ fn step_backward(p: &StepParams, gp: &mut StepParams, g: Grid, c: usize, hd: usi
     let (r1, r2) = (&tape.r1, &tape.r2);
     let dtaps = buf(&mut sc.wide, rows * 9 * c);
     g.im2col(dnet, c, c, true, dtaps);
-    matmul(&mut gp.w3, hd, 9 * c, rows, View::transposed(r2, hd), View::rows(dtaps, 9 * c), true);
+    matmul(
+        &mut gp.w3,
+        hd,
+        9 * c,
+        rows,
+        View::transposed(r2, hd),
+        View::rows(dtaps, 9 * c),
+        true,
+    );
     let d2 = buf(&mut sc.d2, rows * hd);
-    matmul(d2, rows, hd, 9 * c, View::rows(dtaps, 9 * c), View::transposed(&p.w3, 9 * c), false);
+    matmul(
+        d2,
+        rows,
+        hd,
+        9 * c,
+        View::rows(dtaps, 9 * c),
+        View::transposed(&p.w3, 9 * c),
+        false,
+    );
     norm_relu_backward(r2, &p.n2_loc, &p.n2_s, d2, &mut gp.n2_loc, &mut gp.n2_s);
     // a2 = r1 @ W2^T: dW2 = da2^T r1; dr1 = da2 W2.
-    matmul(&mut gp.w2, hd, hd, rows, View::transposed(d2, hd), View::rows(r1, hd), true);
+    matmul(
+        &mut gp.w2,
+        hd,
+        hd,
+        rows,
+        View::transposed(d2, hd),
+        View::rows(r1, hd),
+        true,
+    );
     let d1 = buf(&mut sc.d1, rows * hd);
-    matmul(d1, rows, hd, hd, View::rows(d2, hd), View::rows(&p.w2, hd), false);
+    matmul(
+        d1,
+        rows,
+        hd,
+        hd,
+        View::rows(d2, hd),
+        View::rows(&p.w2, hd),
+        false,
+    );
     norm_relu_backward(r1, &p.n1_loc, &p.n1_s, d1, &mut gp.n1_loc, &mut gp.n1_s);
     // a1 = pat @ W1: dW1 = pat^T da1; dpat = da1 W1^T, added back to x_a's pixels.
-    matmul(&mut gp.w1, 9 * half, hd, rows, View::transposed(&tape.pat, 9 * half), View::rows(d1, hd), true);
+    matmul(
+        &mut gp.w1,
+        9 * half,
+        hd,
+        rows,
+        View::transposed(&tape.pat, 9 * half),
+        View::rows(d1, hd),
+        true,
+    );
     let dpat = buf(&mut sc.wide, rows * 9 * half);
-    matmul(dpat, rows, 9 * half, hd, View::rows(d1, hd), View::transposed(&p.w1, hd), false);
+    matmul(
+        dpat,
+        rows,
+        9 * half,
+        hd,
+        View::rows(d1, hd),
+        View::transposed(&p.w1, hd),
+        false,
+    );
     g.col2im_add(dpat, half, dh1, c);
     // h1 = t @ W^T with t = (x0 + loc) s: dW = dh1^T t; dt = dh1 W; ActNorm's adjoint.
     let t = buf(&mut sc.t, rows * c);
     actnorm(x0, &p.an_loc, &p.an_s, t);
-    matmul(&mut gp.w, c, c, rows, View::transposed(dh1, c), View::rows(t, c), true);
+    matmul(
+        &mut gp.w,
+        c,
+        c,
+        rows,
+        View::transposed(dh1, c),
+        View::rows(t, c),
+        true,
+    );
     let dt = buf(dx, rows * c);
-    matmul(dt, rows, c, c, View::rows(dh1, c), View::rows(&p.w, c), false);
+    matmul(
+        dt,
+        rows,
+        c,
+        c,
+        View::rows(dh1, c),
+        View::rows(&p.w, c),
+        false,
+    );
     actnorm_backward(x0, &p.an_loc, &p.an_s, dt, &mut gp.an_loc, &mut gp.an_s);
 }
 
 /// Exit forward: y = (z + loc) * s per dimension over the first `ce` channels of `out`;
 /// `on_prior(img, log N(y; 0, I))` once per image.
-fn exit_forward(e: &ExitParams, g: Grid, c: usize, ce: usize, out: &[f32], mut on_prior: impl FnMut(usize, f64)) {
+fn exit_forward(
+    e: &ExitParams,
+    g: Grid,
+    c: usize,
+    ce: usize,
+    out: &[f32],
+    mut on_prior: impl FnMut(usize, f64),
+) {
     let hw = g.h * g.w;
     for img in 0..g.n {
         let mut sq = 0.0f64;
@@ -343,15 +570,24 @@ fn exit_forward(e: &ExitParams, g: Grid, c: usize, ce: usize, out: &[f32], mut o
 /// Exit backward: dy = -y dlp (the N(0, I) log-density's gradient), written as dL/dz into
 /// the first `ce` channels of `dout`; dL/dloc and dL/ds added to `ge`.
 #[allow(clippy::too_many_arguments)] // the exit's operands and gradients
-fn exit_backward(e: &ExitParams, ge: &mut ExitParams, g: Grid, c: usize, ce: usize, out: &[f32], dl: &[f32], dout: &mut [f32]) {
+fn exit_backward(
+    e: &ExitParams,
+    ge: &mut ExitParams,
+    g: Grid,
+    c: usize,
+    ce: usize,
+    out: &[f32],
+    dl: &[f32],
+    dout: &mut [f32],
+) {
     let hw = g.h * g.w;
-    for img in 0..g.n {
+    for (img, &dl) in dl.iter().enumerate().take(g.n) {
         for q in 0..hw {
             let r = img * hw + q;
             for ch in 0..ce {
                 let d = q * ce + ch;
                 let zl = out[r * c + ch] + e.loc[d];
-                let dy = -(zl * e.s[d]) * dl[img];
+                let dy = -(zl * e.s[d]) * dl;
                 ge.s[d] += dy * zl;
                 ge.loc[d] += dy * e.s[d];
                 dout[r * c + ch] = dy * e.s[d];

@@ -33,10 +33,25 @@ fn images(cfg: &GlowConfig, n: usize, seed: u64) -> Tensor {
 
 /// max |a - b| / max |a| over the whole tensor (0 when both are 0).
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let a = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let diff = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
     if scale == 0.0 { diff } else { diff / scale }
 }
 
@@ -61,12 +76,25 @@ fn check(m: &GlowModel, inputs: &[&Tensor]) {
     let (la, ga) =
         loss_and_gradients(&m.glow, Backprop::Autograd, inputs, &mut tapes, loss).unwrap();
     let (lf, gf) = loss_and_gradients(&m.glow, Backprop::Fused, inputs, &mut tapes, loss).unwrap();
-    let (la, lf) = (la.to_scalar::<f64>().unwrap(), lf.to_scalar::<f64>().unwrap());
-    assert!((la - lf).abs() <= 1e-5 * la.abs().max(1.0), "loss {la} vs fused {lf}");
+    let (la, lf) = (
+        la.to_scalar::<f64>().unwrap(),
+        lf.to_scalar::<f64>().unwrap(),
+    );
+    assert!(
+        (la - lf).abs() <= 1e-5 * la.abs().max(1.0),
+        "loss {la} vs fused {lf}"
+    );
     for x in inputs {
         let want = m.glow.scale_log_p(x).unwrap();
-        let got = FusedPath::new(&m.glow).unwrap().forward(x, &mut Tape::default()).unwrap();
-        assert!(rel(&want, &got) < 1e-5, "lp differs by {}", rel(&want, &got));
+        let got = FusedPath::new(&m.glow)
+            .unwrap()
+            .forward(x, &mut Tape::default())
+            .unwrap();
+        assert!(
+            rel(&want, &got) < 1e-5,
+            "lp differs by {}",
+            rel(&want, &got)
+        );
     }
     for (name, var) in m.trainable_vars() {
         let a = ga.get(var.as_tensor());
@@ -74,10 +102,17 @@ fn check(m: &GlowModel, inputs: &[&Tensor]) {
         match (a, f) {
             (Some(a), Some(f)) => {
                 let r = rel(a, f);
-                assert!(r < 1e-4, "{name}: gradient differs by {r:.2e} of its largest entry");
+                assert!(
+                    r < 1e-4,
+                    "{name}: gradient differs by {r:.2e} of its largest entry"
+                );
             }
             (None, None) => {}
-            (a, f) => panic!("{name}: autograd has a gradient {}, fused {}", a.is_some(), f.is_some()),
+            (a, f) => panic!(
+                "{name}: autograd has a gradient {}, fused {}",
+                a.is_some(),
+                f.is_some()
+            ),
         }
     }
 }
@@ -118,6 +153,83 @@ fn a_reused_tape_gives_the_same_result_for_a_smaller_batch() {
 fn a_wrong_input_shape_is_an_error_naming_the_expected_shape() {
     let m = model(1, 1, 8);
     let x = Tensor::zeros((2, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
-    let e = FusedPath::new(&m.glow).unwrap().forward(&x, &mut Tape::default()).unwrap_err();
+    let e = FusedPath::new(&m.glow)
+        .unwrap()
+        .forward(&x, &mut Tape::default())
+        .unwrap_err();
     assert!(e.to_string().contains("(N, 1,"), "{e}");
+}
+
+/// lp of the CPU scorer's fused forward against its candle-kernel path.
+fn scorer_paths_agree(m: &GlowModel, x: &Tensor) {
+    let fused = m.scorer(&Device::Cpu, DType::F32).unwrap();
+    let kernels = m.scorer(&Device::Cpu, DType::F32).unwrap().kernel_path();
+    let (a, b) = (kernels.forward(x).unwrap(), fused.forward(x).unwrap());
+    assert!(
+        rel(&a, &b) < 1e-5,
+        "scorer paths differ by {:.2e}",
+        rel(&a, &b)
+    );
+    assert_eq!(fused.score(x).unwrap().per_scale.len(), x.dim(0).unwrap());
+}
+
+#[test]
+fn the_cpu_scorer_s_fused_forward_equals_its_kernel_path() {
+    let m = model(3, 2, 8);
+    scorer_paths_agree(&m, &images(m.config(), 5, 10));
+}
+
+#[test]
+fn the_fused_forward_folds_a_diagonal_gaussian_prior_as_the_scorer_does() {
+    let cfg = GlowConfig {
+        steps: 1,
+        hidden: 8,
+        prior: crate::glow::Prior::DiagonalGaussian,
+        ..GlowConfig::small(1)
+    };
+    let m = GlowModel::new_random(&cfg, 7, &Device::Cpu).unwrap();
+    m.init_from_data(&images(&cfg, 8, 1)).unwrap();
+    m.perturb(3, 0.05).unwrap();
+    // The prior's mean and log-std are fixed parameters (perturb leaves them): set them.
+    let writer = crate::glow::init::ParamWriter::new(&m.varmap);
+    let mut rng = StdRng::seed_from_u64(11);
+    for s in m.glow.scales() {
+        let (mean, logstd) = s.exit.prior.as_ref().expect("a diagonal Gaussian prior");
+        for (t, scale) in [(mean, 0.5f32), (logstd, 0.3)] {
+            let v: Vec<f32> = (0..t.elem_count())
+                .map(|_| scale * (rng.random::<f32>() - 0.5))
+                .collect();
+            writer
+                .set(t, &Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    assert_eq!(Backprop::auto(&m.glow, &Device::Cpu), Backprop::Autograd);
+    let x = images(&cfg, 4, 12);
+    scorer_paths_agree(&m, &x);
+    let want = m.glow.forward(&x).unwrap().log_p().unwrap();
+    let got = m
+        .scorer(&Device::Cpu, DType::F32)
+        .unwrap()
+        .forward(&x)
+        .unwrap()
+        .sum(1)
+        .unwrap();
+    assert!(
+        rel(&want, &got) < 1e-5,
+        "fused scorer vs reference: {:.2e}",
+        rel(&want, &got)
+    );
+}
+
+#[test]
+fn a_wrong_input_shape_is_an_error_for_the_fused_scorer_too() {
+    let m = model(1, 1, 8);
+    let x = Tensor::zeros((2, 1, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    let e = m
+        .scorer(&Device::Cpu, DType::F32)
+        .unwrap()
+        .forward(&x)
+        .unwrap_err();
+    assert!(e.to_string().contains("(N, 1, 32, 32)"), "{e}");
 }
