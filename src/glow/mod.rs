@@ -5,8 +5,9 @@
 //! per-scale decomposition `log p(x) = sum_k lp_k` with `lp_k = F_k + A_k + P_k`.
 //!
 //! Layout: one file per layer kind ([`squeeze`], [`actnorm`], [`invconv`], [`coupling`], [`exit`]),
-//! the trainable multi-scale model in [`flow`], the fused inference fast path in [`scorer`],
-//! model files in [`file`] and pixel preprocessing in [`preprocess`].
+//! the trainable multi-scale model in [`flow`], the fused inference fast path in [`scorer`], the
+//! fused CPU kernels with hand-written gradients that train and (on the CPU) score in
+//! [`fused_train`], model files in [`file`] and pixel preprocessing in [`preprocess`].
 
 pub mod actnorm;
 pub mod config;

@@ -233,3 +233,11 @@ fn a_wrong_input_shape_is_an_error_for_the_fused_scorer_too() {
         .unwrap_err();
     assert!(e.to_string().contains("(N, 1, 32, 32)"), "{e}");
 }
+
+#[test]
+fn an_empty_batch_scores_to_an_empty_result() {
+    let m = model(1, 1, 8);
+    let x = Tensor::zeros((0, 1, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    let lp = m.scorer(&Device::Cpu, DType::F32).unwrap().forward(&x).unwrap();
+    assert_eq!(lp.dims(), &[0, m.config().scales]);
+}
