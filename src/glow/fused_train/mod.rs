@@ -99,9 +99,15 @@ pub fn loss_and_gradients(
     Ok((l, path.variable_gradients(acc)?))
 }
 
+/// Images per chunk and thread in one pass of a forward without a tape: a scorer's buffers
+/// stay the same size whatever the batch (~8k rows per GEMM at the first scale, plenty for
+/// the GEMM kernels).
+const SCORING_IMAGES_PER_THREAD: usize = 32;
+
 /// The forward pass over the batch in chunks, one per rayon thread: x (N, C, S, S) -> lp
-/// (N, L) f64 with each scale's parameter-only term `constants[k]` added. Errors on a wrong
-/// input shape.
+/// (N, L) f64 with each scale's parameter-only term `constants[k]` added. With `record` the
+/// whole batch goes through at once (the tape keeps it for the backward pass); without, in
+/// slices of [`SCORING_IMAGES_PER_THREAD`] images per thread. Errors on a wrong input shape.
 fn run_forward(
     p: &Params,
     constants: &[f64],
@@ -125,15 +131,40 @@ fn run_forward(
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?
         .to_vec1::<f32>()?;
+    let mut lp = vec![0.0f64; n * levels];
+    let slice = if record {
+        n.max(1)
+    } else {
+        SCORING_IMAGES_PER_THREAD * rayon::current_num_threads()
+    };
+    for (xs, lps) in xv
+        .chunks(slice * per_image)
+        .zip(lp.chunks_mut(slice * levels))
+    {
+        forward_chunks(p, xs, lps, tape, record);
+    }
+    for row in lp.chunks_exact_mut(levels) {
+        for (v, c) in row.iter_mut().zip(constants) {
+            *v += c;
+        }
+    }
+    Ok(Tensor::from_vec(lp, (n, levels), x.device())?)
+}
+
+/// The images `x` (NCHW values) split into one chunk per rayon thread, each run through
+/// [`ChunkTape::forward`] on its own thread; lp terms added to `lp` (n, L).
+fn forward_chunks(p: &Params, x: &[f32], lp: &mut [f64], tape: &mut Tape, record: bool) {
+    let levels = p.scales.len();
+    let per_image = p.in_channels * p.image_size * p.image_size;
+    let n = x.len() / per_image;
     let parts = rayon::current_num_threads().clamp(1, n.max(1));
     tape.sizes = (0..parts)
         .map(|i| n / parts + usize::from(i < n % parts))
         .collect();
     tape.chunks.resize_with(parts, ChunkTape::default);
-    let mut lp = vec![0.0f64; n * levels];
     let mut xs: Vec<&[f32]> = Vec::new();
     let mut lps: Vec<&mut [f64]> = Vec::new();
-    let (mut xr, mut lr) = (&xv[..], &mut lp[..]);
+    let (mut xr, mut lr) = (x, lp);
     for &m in &tape.sizes {
         let (a, b) = xr.split_at(m * per_image);
         let (c, d) = std::mem::take(&mut lr).split_at_mut(m * levels);
@@ -147,12 +178,6 @@ fn run_forward(
         .zip(lps)
         .zip(tape.sizes.par_iter())
         .for_each(|(((chunk, x), lp), &m)| chunk.forward(p, x, m, lp, record));
-    for row in lp.chunks_exact_mut(levels) {
-        for (v, c) in row.iter_mut().zip(constants) {
-            *v += c;
-        }
-    }
-    Ok(Tensor::from_vec(lp, (n, levels), x.device())?)
 }
 
 /// The fused forward kernels as a CPU scorer: lp (N, L) without gradients or a tape, buffers

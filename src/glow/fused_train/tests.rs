@@ -177,6 +177,10 @@ fn scorer_paths_agree(m: &GlowModel, x: &Tensor) {
 fn the_cpu_scorer_s_fused_forward_equals_its_kernel_path() {
     let m = model(3, 2, 8);
     scorer_paths_agree(&m, &images(m.config(), 5, 10));
+    // More images than one scoring slice holds on any thread count up to 4.
+    let big = super::SCORING_IMAGES_PER_THREAD * 4 + 3;
+    let grey = model(1, 1, 8);
+    scorer_paths_agree(&grey, &images(grey.config(), big, 13));
 }
 
 #[test]
@@ -238,6 +242,10 @@ fn a_wrong_input_shape_is_an_error_for_the_fused_scorer_too() {
 fn an_empty_batch_scores_to_an_empty_result() {
     let m = model(1, 1, 8);
     let x = Tensor::zeros((0, 1, 32, 32), DType::F32, &Device::Cpu).unwrap();
-    let lp = m.scorer(&Device::Cpu, DType::F32).unwrap().forward(&x).unwrap();
+    let lp = m
+        .scorer(&Device::Cpu, DType::F32)
+        .unwrap()
+        .forward(&x)
+        .unwrap();
     assert_eq!(lp.dims(), &[0, m.config().scales]);
 }
