@@ -5,7 +5,7 @@
 //! comments), so one step costs 3 matmuls forward and 6 backward per convolution plus a few
 //! passes over the activations, with every buffer reused from step to step.
 
-use super::ops::{Grid, View, matmul};
+use super::ops::{Grid, Stored, linear, linear_backward};
 use super::params::{ExitParams, Params, StepParams};
 use crate::glow::HALF_LN_2PI;
 
@@ -349,58 +349,22 @@ fn step_forward(
     let t = buf(&mut sc.t, rows * c);
     actnorm(x0, &p.an_loc, &p.an_s, t);
     let h1 = buf(&mut tape.h1, rows * c);
-    matmul(
-        h1,
-        rows,
-        c,
-        c,
-        View::rows(t, c),
-        View::transposed(&p.w, c),
-        false,
-    );
+    linear(h1, t, &p.w, Stored::OutIn, rows, c, c);
     let pat = buf(&mut tape.pat, rows * 9 * half);
     g.im2col(h1, c, half, false, pat);
     let r1 = buf(&mut tape.r1, rows * hd);
-    matmul(
-        r1,
-        rows,
-        hd,
-        9 * half,
-        View::rows(pat, 9 * half),
-        View::rows(&p.w1, hd),
-        false,
-    );
+    linear(r1, pat, &p.w1, Stored::InOut, rows, 9 * half, hd);
     norm_relu(r1, &p.n1_loc, &p.n1_s);
     let r2 = buf(&mut tape.r2, rows * hd);
-    matmul(
-        r2,
-        rows,
-        hd,
-        hd,
-        View::rows(r1, hd),
-        View::transposed(&p.w2, hd),
-        false,
-    );
+    linear(r2, r1, &p.w2, Stored::OutIn, rows, hd, hd);
     norm_relu(r2, &p.n2_loc, &p.n2_s);
     let taps = buf(&mut sc.wide, rows * 9 * c);
-    matmul(
-        taps,
-        rows,
-        9 * c,
-        hd,
-        View::rows(r2, hd),
-        View::rows(&p.w3, 9 * c),
-        false,
-    );
+    linear(taps, r2, &p.w3, Stored::InOut, rows, hd, 9 * c);
     let net = buf(&mut tape.net, rows * c);
     g.tap_sum(taps, c, net);
     let o = buf(out, rows * c);
-    for r in 0..rows {
-        let (hr, nr, or) = (
-            &h1[r * c..(r + 1) * c],
-            &net[r * c..(r + 1) * c],
-            &mut o[r * c..(r + 1) * c],
-        );
+    let rows_in = h1.chunks_exact(c).zip(net.chunks_exact(c));
+    for (r, ((hr, nr), or)) in rows_in.zip(o.chunks_exact_mut(c)).enumerate() {
         or[..half].copy_from_slice(&hr[..half]);
         for i in 0..half {
             let (shift, ls, s) = affine_terms(p, nr, i);
@@ -427,23 +391,83 @@ fn step_backward(
     dx: &mut Vec<f32>,
     sc: &mut Scratch,
 ) {
-    let (rows, half, hw) = (g.rows(), c / 2, g.h * g.w);
-    // Coupling: y_b = (x_b + shift) s, s = sigmoid(raw + 2), lp += log s. Then
-    // dx_b = dy s, dshift = dy s, dlog s = dy y_b + dlp, draw = dlog s (1 - s).
+    let (rows, half) = (g.rows(), c / 2);
     let dh1 = buf(&mut sc.dh1, rows * c);
     let dnet = buf(&mut sc.d1, rows * c);
-    for r in 0..rows {
+    affine_backward(p, gp, g, c, tape, out, dl, dout, dh1, dnet);
+    // net = tap_sum(r2 @ W3): dtaps = mirrored patches of dnet.
+    let (r1, r2) = (&tape.r1, &tape.r2);
+    let dtaps = buf(&mut sc.wide, rows * 9 * c);
+    g.im2col(dnet, c, c, true, dtaps);
+    let d2 = buf(&mut sc.d2, rows * hd);
+    linear_backward(
+        d2,
+        &mut gp.w3,
+        dtaps,
+        r2,
+        &p.w3,
+        Stored::InOut,
+        rows,
+        hd,
+        9 * c,
+    );
+    norm_relu_backward(r2, &p.n2_loc, &p.n2_s, d2, &mut gp.n2_loc, &mut gp.n2_s);
+    let d1 = buf(&mut sc.d1, rows * hd);
+    linear_backward(d1, &mut gp.w2, d2, r1, &p.w2, Stored::OutIn, rows, hd, hd);
+    norm_relu_backward(r1, &p.n1_loc, &p.n1_s, d1, &mut gp.n1_loc, &mut gp.n1_s);
+    // a1 = patches(x_a) @ W1: the patches' gradient goes back to x_a's pixels.
+    let dpat = buf(&mut sc.wide, rows * 9 * half);
+    linear_backward(
+        dpat,
+        &mut gp.w1,
+        d1,
+        &tape.pat,
+        &p.w1,
+        Stored::InOut,
+        rows,
+        9 * half,
+        hd,
+    );
+    g.col2im_add(dpat, half, dh1, c);
+    // h1 = ActNorm(x0) @ W^T.
+    let t = buf(&mut sc.t, rows * c);
+    actnorm(x0, &p.an_loc, &p.an_s, t);
+    let dt = buf(dx, rows * c);
+    linear_backward(dt, &mut gp.w, dh1, t, &p.w, Stored::OutIn, rows, c, c);
+    actnorm_backward(x0, &p.an_loc, &p.an_s, dt, &mut gp.an_loc, &mut gp.an_s);
+}
+
+/// Backward of the affine coupling `y_b = (x_b + shift) s`, `s = sigmoid(raw + 2)`,
+/// `lp += log s`, with `(shift, raw)` = `(net + b3) s3` interleaved: dx_b = dy s,
+/// dshift = dy s, dlog s = dy y_b + dlp, draw = dlog s (1 - s). Writes dL/dh1 (x_a passes
+/// through; the network's share is added later) and dL/dnet; adds dL/db3, dL/ds3 to `gp`.
+#[allow(clippy::too_many_arguments)] // the coupling's operands and gradients
+fn affine_backward(
+    p: &StepParams,
+    gp: &mut StepParams,
+    g: Grid,
+    c: usize,
+    tape: &StepTape,
+    out: &[f32],
+    dl: &[f32],
+    dout: &[f32],
+    dh1: &mut [f32],
+    dnet: &mut [f32],
+) {
+    let (half, hw) = (c / 2, g.h * g.w);
+    let rows = dout
+        .chunks_exact(c)
+        .zip(out.chunks_exact(c))
+        .zip(tape.net.chunks_exact(c));
+    let grads = dh1.chunks_exact_mut(c).zip(dnet.chunks_exact_mut(c));
+    for (r, (((dor, orow), nr), (dhr, dnr))) in rows.zip(grads).enumerate() {
         let dlr = dl[r / hw];
-        let nr = &tape.net[r * c..(r + 1) * c];
-        let (dor, orow) = (&dout[r * c..(r + 1) * c], &out[r * c..(r + 1) * c]);
-        let (dhr, dnr) = (&mut dh1[r * c..(r + 1) * c], &mut dnet[r * c..(r + 1) * c]);
         dhr[..half].copy_from_slice(&dor[..half]);
         for i in 0..half {
             let (_, _, s) = affine_terms(p, nr, i);
             let dy = dor[half + i];
             dhr[half + i] = dy * s;
             let draw = (dy * orow[half + i] + dlr) * (1.0 - s);
-            // o = (net + b3) * s3, o[2i] = shift, o[2i + 1] = raw.
             for (ch, d_o) in [(2 * i, dy * s), (2 * i + 1, draw)] {
                 gp.s3[ch] += d_o * (nr[ch] + p.b3[ch]);
                 gp.b3[ch] += d_o * p.s3[ch];
@@ -451,95 +475,6 @@ fn step_backward(
             }
         }
     }
-    // net = tap_sum(r2 @ W3): dtaps = mirrored patches of dnet; dW3 = r2^T dtaps; dr2 = dtaps W3^T.
-    let (r1, r2) = (&tape.r1, &tape.r2);
-    let dtaps = buf(&mut sc.wide, rows * 9 * c);
-    g.im2col(dnet, c, c, true, dtaps);
-    matmul(
-        &mut gp.w3,
-        hd,
-        9 * c,
-        rows,
-        View::transposed(r2, hd),
-        View::rows(dtaps, 9 * c),
-        true,
-    );
-    let d2 = buf(&mut sc.d2, rows * hd);
-    matmul(
-        d2,
-        rows,
-        hd,
-        9 * c,
-        View::rows(dtaps, 9 * c),
-        View::transposed(&p.w3, 9 * c),
-        false,
-    );
-    norm_relu_backward(r2, &p.n2_loc, &p.n2_s, d2, &mut gp.n2_loc, &mut gp.n2_s);
-    // a2 = r1 @ W2^T: dW2 = da2^T r1; dr1 = da2 W2.
-    matmul(
-        &mut gp.w2,
-        hd,
-        hd,
-        rows,
-        View::transposed(d2, hd),
-        View::rows(r1, hd),
-        true,
-    );
-    let d1 = buf(&mut sc.d1, rows * hd);
-    matmul(
-        d1,
-        rows,
-        hd,
-        hd,
-        View::rows(d2, hd),
-        View::rows(&p.w2, hd),
-        false,
-    );
-    norm_relu_backward(r1, &p.n1_loc, &p.n1_s, d1, &mut gp.n1_loc, &mut gp.n1_s);
-    // a1 = pat @ W1: dW1 = pat^T da1; dpat = da1 W1^T, added back to x_a's pixels.
-    matmul(
-        &mut gp.w1,
-        9 * half,
-        hd,
-        rows,
-        View::transposed(&tape.pat, 9 * half),
-        View::rows(d1, hd),
-        true,
-    );
-    let dpat = buf(&mut sc.wide, rows * 9 * half);
-    matmul(
-        dpat,
-        rows,
-        9 * half,
-        hd,
-        View::rows(d1, hd),
-        View::transposed(&p.w1, hd),
-        false,
-    );
-    g.col2im_add(dpat, half, dh1, c);
-    // h1 = t @ W^T with t = (x0 + loc) s: dW = dh1^T t; dt = dh1 W; ActNorm's adjoint.
-    let t = buf(&mut sc.t, rows * c);
-    actnorm(x0, &p.an_loc, &p.an_s, t);
-    matmul(
-        &mut gp.w,
-        c,
-        c,
-        rows,
-        View::transposed(dh1, c),
-        View::rows(t, c),
-        true,
-    );
-    let dt = buf(dx, rows * c);
-    matmul(
-        dt,
-        rows,
-        c,
-        c,
-        View::rows(dh1, c),
-        View::rows(&p.w, c),
-        false,
-    );
-    actnorm_backward(x0, &p.an_loc, &p.an_s, dt, &mut gp.an_loc, &mut gp.an_s);
 }
 
 /// Exit forward: y = (z + loc) * s per dimension over the first `ce` channels of `out`;
