@@ -584,21 +584,24 @@ fn raw_pixel_columns_score_exactly_like_the_encoded_images() {
     let a = log_p_by_id(&dir.path().join("enc/scored"));
     let b = log_p_by_id(&dir.path().join("raw/scored"));
     assert_eq!(a.len(), 300);
+    // Same pixels, same score up to f32 summation order: the CPU scorer splits each batch
+    // into per-thread chunks and GEMM blocking depends on their size, so an image scored in a
+    // batch of another composition moved by more than 1e-9 of its log-likelihood in one run
+    // (a flaky failure at that bar); 1e-6 is still well inside f32 accuracy of a sum over
+    // 1,024 dimensions.
+    let same = |x: f64, y: f64| (x - y).abs() <= 1e-6 * x.abs();
     for (id, lp) in &a {
         let r = b[id];
-        assert!((lp - r).abs() <= 1e-9 * lp.abs(), "{id}: {lp} vs {r}");
+        assert!(same(*lp, r), "{id}: {lp} vs {r}");
     }
-    // Grey -> RGB -> the model's grey is lossless for grey pixels: the same score as the grey
-    // image, up to the last bits that depend on the batch an image is scored in (the CPU
-    // scorer's per-thread chunks and GEMM blocking); one grey level off would move it by
-    // far more.
+    // Grey -> RGB -> the model's grey is lossless for grey pixels: the grey image's score.
     let first = src[0]
         .column_by_name("id")
         .unwrap()
         .as_string::<i32>()
         .value(0);
     let (rgb, grey) = (b["rgb"], a[first]);
-    assert!((rgb - grey).abs() <= 1e-9 * grey.abs(), "{rgb} vs {grey}");
+    assert!(same(grey, rgb), "{rgb} vs {grey}");
     let dead = common::read_parquet(&parquet_files(&dir.path().join("raw/dead")));
     let mut reasons: Vec<(String, String)> = dead
         .iter()
