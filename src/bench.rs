@@ -16,6 +16,7 @@ use crate::glow::scorer::StageTimer;
 use crate::glow::{GlowModel, Precision, Result};
 use crate::train::OutlierLoss;
 use crate::train::optimizer::{Adamax, AdamaxConfig};
+use crate::train::trainer::mean_nll_bpd;
 
 /// What a timed run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -200,7 +201,7 @@ pub fn run_case(
                             &[&x, &xg],
                             &mut tapes,
                             |lp| {
-                                let nll = (lp[0].sum(1)?.mean(0)? * -to_bpd)?;
+                                let nll = mean_nll_bpd(&lp[0], to_bpd)?;
                                 Ok((nll + outlier.term(&lp[1].sum(1)?, &lp_gen, to_bpd)?)?)
                             },
                         )?;

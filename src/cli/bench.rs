@@ -36,9 +36,11 @@ pub struct BenchArgs {
     /// Reference images/s (e.g. from ../shared/docs/performance.md), for the "x ref" column.
     #[arg(long)]
     reference_ips: Option<f64>,
-    /// What to time: score (fused scorer), reference (trainable path's forward), train-step
-    /// (forward + backward of the mean NLL + Adamax update, as `glowwatch train` runs it),
-    /// train-step-autograd (the same through candle's autograd) or train-step-reference.
+    /// What to time: score (the scorer the product runs), score-kernels (the scorer's
+    /// candle-kernel path), reference (trainable path's forward), train-step (forward + backward
+    /// of the mean NLL + Adamax update, as `glowwatch train` runs it), train-step-outlier (the
+    /// outlier loss's step), train-step-autograd (train-step through candle's autograd) or
+    /// train-step-reference.
     #[arg(long, default_value = "score")]
     mode: BenchMode,
     /// Also time the stages of one forward pass per row and print their shares.

@@ -16,7 +16,9 @@
 //! conv (many inputs, few outputs) as a matmul to its 9 taps followed by a shifted sum, which
 //! never materialises a 9x copy of the wide hidden activations. Patches, tap sums and the narrow
 //! 1x1 mixes are single fused kernels ([`super::kernels`]). Tests hold this path to the
-//! reference path of [`super::Glow`].
+//! reference path of [`super::Glow`]. On the CPU in f32 [`GlowScorer::forward`] runs the
+//! training path's fused forward instead ([`super::fused_train::FusedForward`], faster there;
+//! tested equal to this path).
 
 use candle_core::{D, DType, Device, Tensor};
 use nalgebra::DMatrix;

@@ -69,6 +69,13 @@ impl OutlierLoss {
     }
 }
 
+/// The NLL term in bits/dim, `8 - mean_n(sum_k lp_nk) * to_bpd` (the usual training bpd minus
+/// the constant 8, see the module docs), from per-scale log-likelihoods `lp` (N, L) in nats;
+/// `to_bpd = 1 / (D ln 2)`.
+pub fn mean_nll_bpd(lp: &Tensor, to_bpd: f64) -> candle_core::Result<Tensor> {
+    (lp.sum(1)?.mean(0)? * -to_bpd)? + 8.0
+}
+
 /// Options of a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainOptions {
@@ -428,8 +435,7 @@ impl Trainer<'_> {
                 let (mut nll, mut outlier_term) = (None, None);
                 let (_, grads) =
                     loss_and_gradients(&self.model.glow, backprop, &inputs, &mut tapes, |lps| {
-                        let lp = lps[0].sum(1)?;
-                        let n = ((lp.mean(0)? * -to_bpd)? + 8.0)?;
+                        let n = mean_nll_bpd(&lps[0], to_bpd)?;
                         let mut loss = n.clone();
                         nll = Some(n);
                         if let Some((_, lp_gen, ol)) = &outlier_batch {

@@ -235,7 +235,10 @@ struct Gradients {
 struct FusedPath {
     params: Params,
     eff: Vec<Effective>,
+    /// Per scale the parameter-only part of lp_k, differentiable (f64 scalars) ...
     constants: Vec<Tensor>,
+    /// ... and its value.
+    constant_values: Vec<f64>,
 }
 
 impl FusedPath {
@@ -247,21 +250,21 @@ impl FusedPath {
             .zip(glow.scales())
             .map(|(c, s)| Ok((c + s.exit.logdet()?)?))
             .collect::<Result<Vec<_>>>()?;
+        let constant_values = constants
+            .iter()
+            .map(|c| c.to_scalar::<f64>())
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             params,
             eff,
             constants,
+            constant_values,
         })
     }
 
     /// x (N, C, S, S) -> lp (N, L) f64, recording `tape`. Errors on a wrong input shape.
     fn forward(&self, x: &Tensor, tape: &mut Tape) -> Result<Tensor> {
-        let constants = self
-            .constants
-            .iter()
-            .map(|c| c.to_scalar::<f64>())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        run_forward(&self.params, &constants, x, tape, true)
+        run_forward(&self.params, &self.constant_values, x, tape, true)
     }
 
     fn zero_gradients(&self) -> Gradients {

@@ -160,10 +160,15 @@ fn a_wrong_input_shape_is_an_error_naming_the_expected_shape() {
     assert!(e.to_string().contains("(N, 1,"), "{e}");
 }
 
+/// The f32 CPU scorer of `m` (the fused forward).
+fn cpu_scorer(m: &GlowModel) -> crate::glow::GlowScorer {
+    m.scorer(&Device::Cpu, DType::F32).unwrap()
+}
+
 /// lp of the CPU scorer's fused forward against its candle-kernel path.
 fn scorer_paths_agree(m: &GlowModel, x: &Tensor) {
-    let fused = m.scorer(&Device::Cpu, DType::F32).unwrap();
-    let kernels = m.scorer(&Device::Cpu, DType::F32).unwrap().kernel_path();
+    let fused = cpu_scorer(m);
+    let kernels = cpu_scorer(m).kernel_path();
     let (a, b) = (kernels.forward(x).unwrap(), fused.forward(x).unwrap());
     assert!(
         rel(&a, &b) < 1e-5,
@@ -212,13 +217,7 @@ fn the_fused_forward_folds_a_diagonal_gaussian_prior_as_the_scorer_does() {
     let x = images(&cfg, 4, 12);
     scorer_paths_agree(&m, &x);
     let want = m.glow.forward(&x).unwrap().log_p().unwrap();
-    let got = m
-        .scorer(&Device::Cpu, DType::F32)
-        .unwrap()
-        .forward(&x)
-        .unwrap()
-        .sum(1)
-        .unwrap();
+    let got = cpu_scorer(&m).forward(&x).unwrap().sum(1).unwrap();
     assert!(
         rel(&want, &got) < 1e-5,
         "fused scorer vs reference: {:.2e}",
@@ -230,11 +229,7 @@ fn the_fused_forward_folds_a_diagonal_gaussian_prior_as_the_scorer_does() {
 fn a_wrong_input_shape_is_an_error_for_the_fused_scorer_too() {
     let m = model(1, 1, 8);
     let x = Tensor::zeros((2, 1, 16, 16), DType::F32, &Device::Cpu).unwrap();
-    let e = m
-        .scorer(&Device::Cpu, DType::F32)
-        .unwrap()
-        .forward(&x)
-        .unwrap_err();
+    let e = cpu_scorer(&m).forward(&x).unwrap_err();
     assert!(e.to_string().contains("(N, 1, 32, 32)"), "{e}");
 }
 
@@ -242,10 +237,6 @@ fn a_wrong_input_shape_is_an_error_for_the_fused_scorer_too() {
 fn an_empty_batch_scores_to_an_empty_result() {
     let m = model(1, 1, 8);
     let x = Tensor::zeros((0, 1, 32, 32), DType::F32, &Device::Cpu).unwrap();
-    let lp = m
-        .scorer(&Device::Cpu, DType::F32)
-        .unwrap()
-        .forward(&x)
-        .unwrap();
+    let lp = cpu_scorer(&m).forward(&x).unwrap();
     assert_eq!(lp.dims(), &[0, m.config().scales]);
 }
