@@ -33,20 +33,12 @@ fn images(cfg: &GlowConfig, n: usize, seed: u64) -> Tensor {
 
 /// max |a - b| / max |a| over the whole tensor (0 when both are 0).
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
+    let flat = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f64>())
+            .unwrap()
+    };
+    let (a, b) = (flat(a), flat(b));
     let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     let diff = a
         .iter()
